@@ -1,0 +1,69 @@
+//! Device configuration, chosen on the broker's command line and handed to the children.
+
+use serde::{Deserialize, Serialize};
+
+/// One display output (scanout) as the guest sees it in GET_DISPLAY_INFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputConfig {
+    /// Preferred width in pixels.
+    pub width: u32,
+    /// Preferred height in pixels.
+    pub height: u32,
+}
+
+/// Per-VM limits that bound what a guest can make the host allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Most live resources.
+    pub max_resources: u32,
+    /// Most bytes of host memory all resources together may need.
+    pub max_resource_bytes: u64,
+    /// Largest width or height of one resource.
+    pub max_dimension: u32,
+    /// Most scatter-gather entries in one ATTACH_BACKING.
+    pub max_backing_entries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_resources: 16384,
+            max_resource_bytes: 1 << 30,
+            max_dimension: 16384,
+            max_backing_entries: 1 << 16,
+        }
+    }
+}
+
+/// Everything the frontend and the renderer need to know about the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    /// The outputs, in scanout order (at least 1, at most 16).
+    pub outputs: Vec<OutputConfig>,
+    /// Whether VIRTIO_GPU_F_EDID is offered.
+    pub edid: bool,
+    /// Guest-facing limits.
+    pub limits: Limits,
+    /// Whether each child installs its seccomp filter (always true outside debugging).
+    pub seccomp: bool,
+    /// Serve further VMM connections after one disconnects instead of exiting.
+    pub keep_serving: bool,
+}
+
+/// The most scanouts virtio-gpu allows.
+pub const MAX_SCANOUTS: usize = 16;
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            outputs: vec![OutputConfig {
+                width: 1280,
+                height: 800,
+            }],
+            edid: true,
+            limits: Limits::default(),
+            seccomp: true,
+            keep_serving: false,
+        }
+    }
+}

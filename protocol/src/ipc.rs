@@ -1,0 +1,184 @@
+//! Typed messages between the device-frontend and the renderer-worker.
+//!
+//! The frontend is the more trusted side: it validates every guest command against its own
+//! resource table before anything reaches the renderer, and it validates every reply (ids,
+//! sizes) before acting on it. Requests are handled by the renderer strictly in order, and
+//! each request gets exactly one [`RendererEvent::Reply`] carrying the request's `seq`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lane::FdTicket;
+use crate::virtio_gpu::Rect;
+
+/// One guest memory region as the VMM described it in `VHOST_USER_SET_MEM_TABLE`.
+///
+/// The region's fd travels on the descriptor lane; `fd_offset` is where the region starts
+/// inside that fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRegion {
+    /// Guest physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of the first byte inside the region's fd.
+    pub fd_offset: u64,
+}
+
+/// One scatter-gather entry of a resource's backing store, in guest physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingEntry {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub length: u32,
+}
+
+/// A fence the renderer must create after the request's operation has been executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceInfo {
+    /// The guest's fence id (monotonic per ring).
+    pub fence_id: u64,
+    /// Context the fence belongs to (0 for 2D).
+    pub ctx_id: u32,
+    /// Ring index inside the context (0 unless VIRTIO_GPU_FLAG_INFO_RING_IDX).
+    pub ring_idx: u8,
+}
+
+/// A request from the frontend to the renderer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RendererRequest {
+    /// Sequence number; the reply echoes it. Strictly increasing.
+    pub seq: u64,
+    /// What to do.
+    pub op: RendererOp,
+    /// A fence to create once `op` has been executed, if the guest asked for one.
+    pub fence: Option<FenceInfo>,
+}
+
+/// Operations the renderer executes. Every id and rectangle has already been validated by
+/// the frontend; the renderer checks again and answers with an error, never a panic.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RendererOp {
+    /// Replace the guest memory map. One fd per region arrives on the lane under `fds`,
+    /// in the order of `regions`. Resources keep the mapping they were attached with.
+    SetGuestMemory {
+        /// Regions, in the order of their fds.
+        regions: Vec<GuestRegion>,
+        /// Where the region fds are on the lane.
+        fds: FdTicket,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_2D.
+    CreateResource2d {
+        /// Guest-chosen resource id (never 0).
+        resource_id: u32,
+        /// VIRTIO_GPU_FORMAT_* value.
+        format: u32,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_UNREF.
+    Unref {
+        /// Resource to destroy.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING: entries are guest physical ranges that the
+    /// frontend has checked to lie inside guest memory.
+    AttachBacking {
+        /// Resource to attach to.
+        resource_id: u32,
+        /// Scatter-gather list in guest physical addresses.
+        entries: Vec<BackingEntry>,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING.
+    DetachBacking {
+        /// Resource to detach from.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D: copy `rect` from the backing (starting at byte
+    /// `offset` of the backing) into the resource.
+    TransferToHost2d {
+        /// Destination resource.
+        resource_id: u32,
+        /// Rectangle inside the resource.
+        rect: Rect,
+        /// Offset in the backing of the rectangle's first pixel.
+        offset: u64,
+    },
+    /// Bind a frontend-allocated, sealed memfd as the pixel buffer of a scanout. The buffer
+    /// holds the whole resource at resource coordinates, `stride` bytes per row.
+    SetScanoutBuffer {
+        /// Scanout index.
+        scanout_id: u32,
+        /// Resource shown on it.
+        resource_id: u32,
+        /// Buffer size in bytes (stride * resource height).
+        size: u64,
+        /// Bytes per row.
+        stride: u32,
+        /// The memfd, on the lane.
+        fds: FdTicket,
+    },
+    /// Unbind and unmap a scanout's buffer (SET_SCANOUT with resource 0).
+    DisableScanout {
+        /// Scanout index.
+        scanout_id: u32,
+    },
+    /// Copy `rect` (resource coordinates) of the scanout's resource into its buffer.
+    FlushToScanout {
+        /// Scanout index.
+        scanout_id: u32,
+        /// Damage rectangle, already clipped to the scanout.
+        rect: Rect,
+    },
+    /// Read a 64x64 cursor resource's pixels (answered with [`ReplyBody::CursorImage`]).
+    ReadCursor {
+        /// Cursor resource.
+        resource_id: u32,
+    },
+    /// Device reset: drop every resource, scanout buffer and guest mapping.
+    Reset,
+}
+
+/// What a successful reply carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    /// Done, nothing to return.
+    Done,
+    /// 64 * 64 * 4 bytes of cursor pixels in the resource's format.
+    CursorImage(Vec<u8>),
+}
+
+/// Why the renderer could not execute a request. Maps one-to-one onto a
+/// `VIRTIO_GPU_RESP_ERR_*` code in the frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RenderError {
+    /// No such resource (or it is in the wrong state for the operation).
+    #[error("invalid resource id {0}")]
+    InvalidResource(u32),
+    /// A parameter the renderer rejected.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    /// Host allocation failed.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// Anything else, with the renderer's explanation.
+    #[error("renderer error: {0}")]
+    Unspec(String),
+}
+
+/// Messages from the renderer to the frontend.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RendererEvent {
+    /// The answer to the request with the same `seq`.
+    Reply {
+        /// Echo of [`RendererRequest::seq`].
+        seq: u64,
+        /// Outcome.
+        result: Result<ReplyBody, RenderError>,
+    },
+    /// A fence has been signalled; every fence of the same ring with a lower or equal id
+    /// is complete too.
+    FenceSignaled(FenceInfo),
+}

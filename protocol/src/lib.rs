@@ -1,0 +1,9 @@
+//! vgpu-sandbox's shared vocabulary: the typed messages between its processes
+//! ([`ipc`], [`bootstrap`]), the descriptor lane that carries fds beside them ([`lane`]),
+//! the device configuration ([`config`]) and the virtio-gpu wire format ([`virtio_gpu`]).
+
+pub mod bootstrap;
+pub mod config;
+pub mod ipc;
+pub mod lane;
+pub mod virtio_gpu;
