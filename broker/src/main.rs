@@ -1,1 +1,60 @@
-fn main() {}
+//! `vgpu-sandbox`: the binary users install. As the broker it parses the command line,
+//! binds the vhost-user socket, re-executes itself as the renderer-worker and the
+//! device-frontend, wires their channels and supervises them. With `--internal-role` it is
+//! one of those children.
+
+mod child;
+mod cli;
+mod logger;
+mod serve;
+mod spawn;
+mod supervise;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use protocol::bootstrap::ROLE_FLAG;
+
+fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == ROLE_FLAG) {
+        return child::main();
+    }
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line, as a VMM manager's log wants it; --help has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "vgpu-sandbox: {} (see --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("vgpu-sandbox: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: cli::Cli) -> Result<ExitCode, String> {
+    if cli.serve.print_capabilities {
+        println!("{}", cli::capabilities_json());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(cli::Sub::Demo(args)) = cli.command {
+        logger::init("broker", cli.serve.log_level);
+        let _ = args;
+        return Err("demo: not wired yet".into());
+    }
+    serve::serve(cli.serve).map(|code| ExitCode::from(code as u8))
+}

@@ -235,11 +235,9 @@ mod tests {
     }
 
     fn tempfile_in_memory() -> File {
-        let fd = nix::sys::memfd::memfd_create(
-            c"lane-test",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"lane-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
         File::from(fd)
     }
 }

@@ -1,6 +1,277 @@
 //! virtio-gpu wire format (virtio 1.3, section 5.7): constants, structs, typed commands.
+//!
+//! Everything here is plain data and byte (de)serialisation: no I/O and no validation
+//! beyond what the layout itself demands. Decoding guest bytes into a [`Request`], with
+//! all the checks that make a command safe to execute, lives in the device frontend.
+//! All multi-byte fields on the wire are little-endian.
 
 use serde::{Deserialize, Serialize};
+
+use crate::ipc::BackingEntry;
+
+// ---------------------------------------------------------------------------------------
+// Feature bits.
+
+/// Feature bit: virgl 3D mode is supported.
+pub const VIRTIO_GPU_F_VIRGL: u32 = 0;
+/// Feature bit: EDID is supported (VIRTIO_GPU_CMD_GET_EDID).
+pub const VIRTIO_GPU_F_EDID: u32 = 1;
+/// Feature bit: assigning resources UUIDs for export to other virtio devices.
+pub const VIRTIO_GPU_F_RESOURCE_UUID: u32 = 2;
+/// Feature bit: creating and using size-based blob resources.
+pub const VIRTIO_GPU_F_RESOURCE_BLOB: u32 = 3;
+/// Feature bit: multiple context types and synchronization timelines.
+pub const VIRTIO_GPU_F_CONTEXT_INIT: u32 = 4;
+
+// ---------------------------------------------------------------------------------------
+// Command types (enum virtio_gpu_ctrl_type).
+
+/// 2D: ask for the scanouts' geometry.
+pub const VIRTIO_GPU_CMD_GET_DISPLAY_INFO: u32 = 0x0100;
+/// 2D: create a host resource with a pixel format and size.
+pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_2D: u32 = 0x0101;
+/// 2D: destroy a resource.
+pub const VIRTIO_GPU_CMD_RESOURCE_UNREF: u32 = 0x0102;
+/// 2D: show a resource (or nothing, with resource id 0) on a scanout.
+pub const VIRTIO_GPU_CMD_SET_SCANOUT: u32 = 0x0103;
+/// 2D: push a resource's rectangle to the scanouts that show it.
+pub const VIRTIO_GPU_CMD_RESOURCE_FLUSH: u32 = 0x0104;
+/// 2D: copy guest backing memory into a resource.
+pub const VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D: u32 = 0x0105;
+/// 2D: attach guest pages as a resource's backing store.
+pub const VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING: u32 = 0x0106;
+/// 2D: detach a resource's backing store.
+pub const VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING: u32 = 0x0107;
+/// Ask for the description of one capability set.
+pub const VIRTIO_GPU_CMD_GET_CAPSET_INFO: u32 = 0x0108;
+/// Ask for the contents of one capability set.
+pub const VIRTIO_GPU_CMD_GET_CAPSET: u32 = 0x0109;
+/// Ask for a scanout's EDID blob.
+pub const VIRTIO_GPU_CMD_GET_EDID: u32 = 0x010a;
+/// Ask the device to assign a UUID to a resource.
+pub const VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID: u32 = 0x010b;
+/// Create a blob resource.
+pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB: u32 = 0x010c;
+/// Show a blob resource on a scanout.
+pub const VIRTIO_GPU_CMD_SET_SCANOUT_BLOB: u32 = 0x010d;
+
+/// 3D: create a rendering context.
+pub const VIRTIO_GPU_CMD_CTX_CREATE: u32 = 0x0200;
+/// 3D: destroy a rendering context.
+pub const VIRTIO_GPU_CMD_CTX_DESTROY: u32 = 0x0201;
+/// 3D: make a resource usable by a context.
+pub const VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE: u32 = 0x0202;
+/// 3D: revoke a context's use of a resource.
+pub const VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE: u32 = 0x0203;
+/// 3D: create a 3D resource.
+pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_3D: u32 = 0x0204;
+/// 3D: copy guest memory into a 3D resource.
+pub const VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D: u32 = 0x0205;
+/// 3D: copy a 3D resource into guest memory.
+pub const VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D: u32 = 0x0206;
+/// 3D: submit a context-specific command buffer.
+pub const VIRTIO_GPU_CMD_SUBMIT_3D: u32 = 0x0207;
+/// Map a host blob resource into the host-visible shared memory region.
+pub const VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB: u32 = 0x0208;
+/// Unmap a blob resource from the host-visible shared memory region.
+pub const VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB: u32 = 0x0209;
+
+/// Cursor queue: set the cursor image and position.
+pub const VIRTIO_GPU_CMD_UPDATE_CURSOR: u32 = 0x0300;
+/// Cursor queue: move the cursor only.
+pub const VIRTIO_GPU_CMD_MOVE_CURSOR: u32 = 0x0301;
+
+// ---------------------------------------------------------------------------------------
+// Response types.
+
+/// Success, no payload.
+pub const VIRTIO_GPU_RESP_OK_NODATA: u32 = 0x1100;
+/// Success, struct virtio_gpu_resp_display_info follows.
+pub const VIRTIO_GPU_RESP_OK_DISPLAY_INFO: u32 = 0x1101;
+/// Success, struct virtio_gpu_resp_capset_info follows.
+pub const VIRTIO_GPU_RESP_OK_CAPSET_INFO: u32 = 0x1102;
+/// Success, capability set data follows.
+pub const VIRTIO_GPU_RESP_OK_CAPSET: u32 = 0x1103;
+/// Success, struct virtio_gpu_resp_edid follows.
+pub const VIRTIO_GPU_RESP_OK_EDID: u32 = 0x1104;
+/// Success, struct virtio_gpu_resp_resource_uuid follows.
+pub const VIRTIO_GPU_RESP_OK_RESOURCE_UUID: u32 = 0x1105;
+/// Success, struct virtio_gpu_resp_map_info follows.
+pub const VIRTIO_GPU_RESP_OK_MAP_INFO: u32 = 0x1106;
+
+/// Failure without a more specific reason.
+pub const VIRTIO_GPU_RESP_ERR_UNSPEC: u32 = 0x1200;
+/// Failure: the host ran out of memory.
+pub const VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY: u32 = 0x1201;
+/// Failure: the scanout id does not exist.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID: u32 = 0x1202;
+/// Failure: the resource id does not exist or may not be used here.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID: u32 = 0x1203;
+/// Failure: the context id does not exist.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID: u32 = 0x1204;
+/// Failure: a parameter is out of range or inconsistent.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER: u32 = 0x1205;
+
+// ---------------------------------------------------------------------------------------
+// Header flags, limits, misc enums.
+
+/// Header flag: the request carries a fence; answer only once the command completed.
+pub const VIRTIO_GPU_FLAG_FENCE: u32 = 1 << 0;
+/// Header flag: `ring_idx` names the context's timeline the fence belongs to.
+pub const VIRTIO_GPU_FLAG_INFO_RING_IDX: u32 = 1 << 1;
+
+/// The largest number of scanouts the protocol can describe.
+pub const VIRTIO_GPU_MAX_SCANOUTS: u32 = 16;
+/// Size of the EDID array in struct virtio_gpu_resp_edid.
+pub const VIRTIO_GPU_EDID_MAX_SIZE: usize = 1024;
+/// Mask of the capset id inside `context_init` of CTX_CREATE.
+pub const VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK: u32 = 0x0000_00ff;
+
+/// Capability set: virgl.
+pub const VIRTIO_GPU_CAPSET_VIRGL: u32 = 1;
+/// Capability set: virgl2.
+pub const VIRTIO_GPU_CAPSET_VIRGL2: u32 = 2;
+/// Capability set: gfxstream Vulkan.
+pub const VIRTIO_GPU_CAPSET_GFXSTREAM_VULKAN: u32 = 3;
+/// Capability set: Venus (Vulkan over virtio-gpu).
+pub const VIRTIO_GPU_CAPSET_VENUS: u32 = 4;
+/// Capability set: cross-domain (Wayland and friends).
+pub const VIRTIO_GPU_CAPSET_CROSS_DOMAIN: u32 = 5;
+/// Capability set: DRM native context.
+pub const VIRTIO_GPU_CAPSET_DRM: u32 = 6;
+
+/// Blob memory: guest-only memory.
+pub const VIRTIO_GPU_BLOB_MEM_GUEST: u32 = 1;
+/// Blob memory: host-only memory.
+pub const VIRTIO_GPU_BLOB_MEM_HOST3D: u32 = 2;
+/// Blob memory: host memory mirrored in guest memory.
+pub const VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST: u32 = 3;
+
+/// Blob flag: the blob may be mapped into the guest.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE: u32 = 1 << 0;
+/// Blob flag: the blob may be shared with other virtio devices.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE: u32 = 1 << 1;
+/// Blob flag: the blob may be shared across devices.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE: u32 = 1 << 2;
+
+/// Map info: mask of the caching type bits.
+pub const VIRTIO_GPU_MAP_CACHE_MASK: u32 = 0x0f;
+/// Map info: caching type unknown.
+pub const VIRTIO_GPU_MAP_CACHE_NONE: u32 = 0x00;
+/// Map info: cached mapping.
+pub const VIRTIO_GPU_MAP_CACHE_CACHED: u32 = 0x01;
+/// Map info: uncached mapping.
+pub const VIRTIO_GPU_MAP_CACHE_UNCACHED: u32 = 0x02;
+/// Map info: write-combined mapping.
+pub const VIRTIO_GPU_MAP_CACHE_WC: u32 = 0x03;
+
+/// Shared memory region id of the host-visible blob window.
+pub const VIRTIO_GPU_SHM_ID_HOST_VISIBLE: u8 = 1;
+
+// ---------------------------------------------------------------------------------------
+// Struct sizes in bytes (header included where the struct embeds one).
+
+/// struct virtio_gpu_ctrl_hdr.
+pub const CTRL_HDR_SIZE: usize = 24;
+/// struct virtio_gpu_rect.
+pub const RECT_SIZE: usize = 16;
+/// struct virtio_gpu_display_one.
+pub const DISPLAY_ONE_SIZE: usize = 24;
+/// struct virtio_gpu_resp_display_info.
+pub const RESP_DISPLAY_INFO_SIZE: usize =
+    CTRL_HDR_SIZE + VIRTIO_GPU_MAX_SCANOUTS as usize * DISPLAY_ONE_SIZE;
+/// struct virtio_gpu_get_edid.
+pub const GET_EDID_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resp_edid.
+pub const RESP_EDID_SIZE: usize = CTRL_HDR_SIZE + 8 + VIRTIO_GPU_EDID_MAX_SIZE;
+/// struct virtio_gpu_resource_create_2d.
+pub const RESOURCE_CREATE_2D_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// struct virtio_gpu_resource_unref.
+pub const RESOURCE_UNREF_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_set_scanout.
+pub const SET_SCANOUT_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 8;
+/// struct virtio_gpu_resource_flush.
+pub const RESOURCE_FLUSH_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 8;
+/// struct virtio_gpu_transfer_to_host_2d.
+pub const TRANSFER_TO_HOST_2D_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 16;
+/// struct virtio_gpu_resource_attach_backing, without its trailing entries.
+pub const RESOURCE_ATTACH_BACKING_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_mem_entry.
+pub const MEM_ENTRY_SIZE: usize = 16;
+/// struct virtio_gpu_resource_detach_backing.
+pub const RESOURCE_DETACH_BACKING_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_cursor_pos.
+pub const CURSOR_POS_SIZE: usize = 16;
+/// struct virtio_gpu_update_cursor (also used by MOVE_CURSOR).
+pub const UPDATE_CURSOR_SIZE: usize = CTRL_HDR_SIZE + CURSOR_POS_SIZE + 16;
+
+// ---------------------------------------------------------------------------------------
+// Little-endian field access. Callers check lengths first; these return None rather than
+// panic so a missed check degrades into an error, not a crash.
+
+/// Reads a little-endian u32 at byte `off` of `b`; None if `b` is too short.
+pub fn read_le_u32(b: &[u8], off: usize) -> Option<u32> {
+    let s = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_le_bytes(s.try_into().ok()?))
+}
+
+/// Reads a little-endian u64 at byte `off` of `b`; None if `b` is too short.
+pub fn read_le_u64(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off.checked_add(8)?)?;
+    Some(u64::from_le_bytes(s.try_into().ok()?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Header.
+
+/// The header every request and response starts with (struct virtio_gpu_ctrl_hdr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CtrlHeader {
+    /// Command or response type (`VIRTIO_GPU_CMD_*`, `VIRTIO_GPU_RESP_*`).
+    pub type_: u32,
+    /// `VIRTIO_GPU_FLAG_*` bits.
+    pub flags: u32,
+    /// Fence id, meaningful with `VIRTIO_GPU_FLAG_FENCE`.
+    pub fence_id: u64,
+    /// 3D context id; 0 for 2D commands.
+    pub ctx_id: u32,
+    /// Timeline index, meaningful with `VIRTIO_GPU_FLAG_INFO_RING_IDX`.
+    pub ring_idx: u8,
+}
+
+impl CtrlHeader {
+    /// Whether the driver asked for a fence on this request.
+    pub fn is_fenced(&self) -> bool {
+        self.flags & VIRTIO_GPU_FLAG_FENCE != 0
+    }
+
+    /// Parses the first [`CTRL_HDR_SIZE`] bytes; None if there are fewer. The three
+    /// padding bytes are ignored because drivers are not required to zero them.
+    pub fn from_bytes(b: &[u8]) -> Option<CtrlHeader> {
+        let b = b.get(..CTRL_HDR_SIZE)?;
+        Some(CtrlHeader {
+            type_: read_le_u32(b, 0)?,
+            flags: read_le_u32(b, 4)?,
+            fence_id: read_le_u64(b, 8)?,
+            ctx_id: read_le_u32(b, 16)?,
+            ring_idx: *b.get(20)?,
+        })
+    }
+
+    /// The header's wire form, padding zeroed.
+    pub fn to_bytes(&self) -> [u8; CTRL_HDR_SIZE] {
+        let mut out = [0u8; CTRL_HDR_SIZE];
+        out[0..4].copy_from_slice(&self.type_.to_le_bytes());
+        out[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        out[8..16].copy_from_slice(&self.fence_id.to_le_bytes());
+        out[16..20].copy_from_slice(&self.ctx_id.to_le_bytes());
+        out[20] = self.ring_idx;
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rect.
 
 /// A rectangle in pixels (struct virtio_gpu_rect).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -13,4 +284,976 @@ pub struct Rect {
     pub width: u32,
     /// Height.
     pub height: u32,
+}
+
+impl Rect {
+    /// `x + width`, or None if that overflows u32.
+    pub fn checked_right(&self) -> Option<u32> {
+        self.x.checked_add(self.width)
+    }
+
+    /// `y + height`, or None if that overflows u32.
+    pub fn checked_bottom(&self) -> Option<u32> {
+        self.y.checked_add(self.height)
+    }
+
+    /// Whether the rectangle covers no pixel.
+    pub fn is_empty(&self) -> bool {
+        self.width == 0 || self.height == 0
+    }
+
+    /// Whether the rectangle lies entirely within `[0, width) x [0, height)`. A rectangle
+    /// whose edges overflow u32 is never inside.
+    pub fn is_inside(&self, width: u32, height: u32) -> bool {
+        match (self.checked_right(), self.checked_bottom()) {
+            (Some(r), Some(b)) => r <= width && b <= height,
+            _ => false,
+        }
+    }
+
+    /// The common part of both rectangles, or None if they do not overlap (or either is
+    /// empty). Edges that overflow u32 are clamped to u32::MAX so this never fails on
+    /// unvalidated input.
+    pub fn intersect(&self, other: &Rect) -> Option<Rect> {
+        let right = |r: &Rect| r.x.saturating_add(r.width);
+        let bottom = |r: &Rect| r.y.saturating_add(r.height);
+        let x = self.x.max(other.x);
+        let y = self.y.max(other.y);
+        let r = right(self).min(right(other));
+        let b = bottom(self).min(bottom(other));
+        if r <= x || b <= y {
+            return None;
+        }
+        Some(Rect {
+            x,
+            y,
+            width: r - x,
+            height: b - y,
+        })
+    }
+
+    /// Parses a rect from the first [`RECT_SIZE`] bytes at `off`.
+    pub fn from_bytes_at(b: &[u8], off: usize) -> Option<Rect> {
+        Some(Rect {
+            x: read_le_u32(b, off)?,
+            y: read_le_u32(b, off.checked_add(4)?)?,
+            width: read_le_u32(b, off.checked_add(8)?)?,
+            height: read_le_u32(b, off.checked_add(12)?)?,
+        })
+    }
+
+    /// The rect's wire form.
+    pub fn to_bytes(&self) -> [u8; RECT_SIZE] {
+        let mut out = [0u8; RECT_SIZE];
+        out[0..4].copy_from_slice(&self.x.to_le_bytes());
+        out[4..8].copy_from_slice(&self.y.to_le_bytes());
+        out[8..12].copy_from_slice(&self.width.to_le_bytes());
+        out[12..16].copy_from_slice(&self.height.to_le_bytes());
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Formats.
+
+/// The 2D pixel formats (enum virtio_gpu_formats), all 4 bytes per pixel.
+///
+/// The name lists the bytes in memory order, first byte first: the Linux driver creates
+/// `B8G8R8X8_UNORM` for DRM_FORMAT_XRGB8888 on little-endian guests, whose bytes are
+/// B, G, R, X. (QEMU's pixman mapping agrees: B8G8R8X8 is PIXMAN_x8r8g8b8 there.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Format {
+    /// Bytes B, G, R, A.
+    B8G8R8A8Unorm,
+    /// Bytes B, G, R, X.
+    B8G8R8X8Unorm,
+    /// Bytes A, R, G, B.
+    A8R8G8B8Unorm,
+    /// Bytes X, R, G, B.
+    X8R8G8B8Unorm,
+    /// Bytes R, G, B, A.
+    R8G8B8A8Unorm,
+    /// Bytes X, B, G, R.
+    X8B8G8R8Unorm,
+    /// Bytes A, B, G, R.
+    A8B8G8R8Unorm,
+    /// Bytes R, G, B, X.
+    R8G8B8X8Unorm,
+}
+
+/// Wire value of [`Format::B8G8R8A8Unorm`].
+pub const VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM: u32 = 1;
+/// Wire value of [`Format::B8G8R8X8Unorm`].
+pub const VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM: u32 = 2;
+/// Wire value of [`Format::A8R8G8B8Unorm`].
+pub const VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM: u32 = 3;
+/// Wire value of [`Format::X8R8G8B8Unorm`].
+pub const VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM: u32 = 4;
+/// Wire value of [`Format::R8G8B8A8Unorm`].
+pub const VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM: u32 = 67;
+/// Wire value of [`Format::X8B8G8R8Unorm`].
+pub const VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM: u32 = 68;
+/// Wire value of [`Format::A8B8G8R8Unorm`].
+pub const VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM: u32 = 121;
+/// Wire value of [`Format::R8G8B8X8Unorm`].
+pub const VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM: u32 = 134;
+
+/// How one pixel's bytes move to reach B, G, R, X order. The eight formats need only
+/// four permutations, each a single cheap operation on the little-endian u32.
+#[derive(Clone, Copy)]
+enum Swizzle {
+    /// Already B, G, R, (A|X).
+    Identity,
+    /// (A|X), R, G, B: a full byte reversal.
+    Reverse,
+    /// R, G, B, (A|X): swap bytes 0 and 2.
+    SwapRb,
+    /// (A|X), B, G, R: rotate down by one byte.
+    RotateDown,
+}
+
+impl Swizzle {
+    #[inline(always)]
+    fn apply(self, v: u32) -> u32 {
+        match self {
+            Swizzle::Identity => v,
+            Swizzle::Reverse => v.swap_bytes(),
+            Swizzle::SwapRb => (v & 0xff00_ff00) | ((v >> 16) & 0xff) | ((v & 0xff) << 16),
+            Swizzle::RotateDown => v.rotate_right(8),
+        }
+    }
+}
+
+impl Format {
+    /// All formats, in wire-value order.
+    pub const ALL: [Format; 8] = [
+        Format::B8G8R8A8Unorm,
+        Format::B8G8R8X8Unorm,
+        Format::A8R8G8B8Unorm,
+        Format::X8R8G8B8Unorm,
+        Format::R8G8B8A8Unorm,
+        Format::X8B8G8R8Unorm,
+        Format::A8B8G8R8Unorm,
+        Format::R8G8B8X8Unorm,
+    ];
+
+    /// The format with wire value `v`, if it is one of the eight 2D formats.
+    pub fn from_u32(v: u32) -> Option<Format> {
+        Some(match v {
+            VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM => Format::B8G8R8A8Unorm,
+            VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM => Format::B8G8R8X8Unorm,
+            VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM => Format::A8R8G8B8Unorm,
+            VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM => Format::X8R8G8B8Unorm,
+            VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM => Format::R8G8B8A8Unorm,
+            VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM => Format::X8B8G8R8Unorm,
+            VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM => Format::A8B8G8R8Unorm,
+            VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM => Format::R8G8B8X8Unorm,
+            _ => return None,
+        })
+    }
+
+    /// The format's wire value.
+    pub fn as_u32(self) -> u32 {
+        match self {
+            Format::B8G8R8A8Unorm => VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM,
+            Format::B8G8R8X8Unorm => VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
+            Format::A8R8G8B8Unorm => VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM,
+            Format::X8R8G8B8Unorm => VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM,
+            Format::R8G8B8A8Unorm => VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM,
+            Format::X8B8G8R8Unorm => VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM,
+            Format::A8B8G8R8Unorm => VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM,
+            Format::R8G8B8X8Unorm => VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM,
+        }
+    }
+
+    /// Bytes per pixel (4 for every 2D format).
+    pub fn bytes_per_pixel(self) -> u32 {
+        4
+    }
+
+    /// Whether the fourth channel is alpha rather than padding.
+    pub fn has_alpha(self) -> bool {
+        matches!(
+            self,
+            Format::B8G8R8A8Unorm
+                | Format::A8R8G8B8Unorm
+                | Format::R8G8B8A8Unorm
+                | Format::A8B8G8R8Unorm
+        )
+    }
+
+    fn swizzle(self) -> Swizzle {
+        match self {
+            Format::B8G8R8A8Unorm | Format::B8G8R8X8Unorm => Swizzle::Identity,
+            Format::A8R8G8B8Unorm | Format::X8R8G8B8Unorm => Swizzle::Reverse,
+            Format::R8G8B8A8Unorm | Format::R8G8B8X8Unorm => Swizzle::SwapRb,
+            Format::X8B8G8R8Unorm | Format::A8B8G8R8Unorm => Swizzle::RotateDown,
+        }
+    }
+
+    /// Reorders one pixel's bytes, as they lie in memory in this format, into B, G, R, X
+    /// (PIXMAN_x8r8g8b8 on little-endian, what VHOST_USER_GPU_UPDATE carries). The X byte
+    /// carries the source's alpha or padding byte unchanged: consumers of x8r8g8b8 ignore
+    /// it, and keeping it makes the two BGR formats a plain copy.
+    pub fn to_bgrx(self, px: [u8; 4]) -> [u8; 4] {
+        self.swizzle().apply(u32::from_le_bytes(px)).to_le_bytes()
+    }
+
+    /// Converts a row of pixels into B, G, R, X order (see [`Format::to_bgrx`]).
+    ///
+    /// Converts `min(src.len(), dst.len()) / 4` whole pixels; callers pass equal lengths
+    /// that are multiples of 4, and anything beyond the whole pixels of the shorter slice
+    /// is left untouched rather than treated as an error, so that this can never panic.
+    pub fn convert_row_to_bgrx(self, src: &[u8], dst: &mut [u8]) {
+        let n = src.len().min(dst.len()) / 4 * 4;
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        // One loop per swizzle so each body is branch-free and the compiler vectorises it.
+        fn run(src: &[u8], dst: &mut [u8], f: impl Fn(u32) -> u32) {
+            for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(4)) {
+                let v = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                d.copy_from_slice(&f(v).to_le_bytes());
+            }
+        }
+        match self.swizzle() {
+            Swizzle::Identity => dst.copy_from_slice(src),
+            Swizzle::Reverse => run(src, dst, |v| Swizzle::Reverse.apply(v)),
+            Swizzle::SwapRb => run(src, dst, |v| Swizzle::SwapRb.apply(v)),
+            Swizzle::RotateDown => run(src, dst, |v| Swizzle::RotateDown.apply(v)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands.
+
+/// A cursor position on a scanout (struct virtio_gpu_cursor_pos).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CursorPos {
+    /// Scanout the cursor is on.
+    pub scanout_id: u32,
+    /// Horizontal position in pixels.
+    pub x: u32,
+    /// Vertical position in pixels.
+    pub y: u32,
+}
+
+/// A decoded guest command. Variants carry the fields of the matching
+/// `struct virtio_gpu_*`, minus header and padding.
+///
+/// New commands (3D, blob) are added as new variants together with a
+/// [`Command::cmd_type`] arm and an encoder arm; nothing else needs to change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// VIRTIO_GPU_CMD_GET_DISPLAY_INFO.
+    GetDisplayInfo,
+    /// VIRTIO_GPU_CMD_GET_EDID.
+    GetEdid {
+        /// Scanout whose EDID is wanted.
+        scanout_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_2D.
+    ResourceCreate2d {
+        /// New resource's id (non-zero).
+        resource_id: u32,
+        /// Pixel format.
+        format: Format,
+        /// Width in pixels (non-zero).
+        width: u32,
+        /// Height in pixels (non-zero).
+        height: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_UNREF.
+    ResourceUnref {
+        /// Resource to destroy.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_SET_SCANOUT.
+    SetScanout {
+        /// Scanout to configure.
+        scanout_id: u32,
+        /// Resource to show; 0 disables the scanout.
+        resource_id: u32,
+        /// Part of the resource to show.
+        rect: Rect,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_FLUSH.
+    ResourceFlush {
+        /// Resource whose contents changed.
+        resource_id: u32,
+        /// Changed area, in resource coordinates.
+        rect: Rect,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D.
+    TransferToHost2d {
+        /// Destination resource.
+        resource_id: u32,
+        /// Area to copy, in resource coordinates.
+        rect: Rect,
+        /// Byte offset into the backing where the rect's first pixel lies.
+        offset: u64,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING.
+    ResourceAttachBacking {
+        /// Resource to back.
+        resource_id: u32,
+        /// Guest memory regions, concatenated in order.
+        entries: Vec<BackingEntry>,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING.
+    ResourceDetachBacking {
+        /// Resource to detach from.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_UPDATE_CURSOR (cursor queue).
+    UpdateCursor {
+        /// Where the cursor is.
+        pos: CursorPos,
+        /// Cursor image resource; 0 hides the cursor.
+        resource_id: u32,
+        /// Hotspot x within the image.
+        hot_x: u32,
+        /// Hotspot y within the image.
+        hot_y: u32,
+    },
+    /// VIRTIO_GPU_CMD_MOVE_CURSOR (cursor queue).
+    MoveCursor {
+        /// Where the cursor is.
+        pos: CursorPos,
+    },
+}
+
+impl Command {
+    /// The command's wire type (`VIRTIO_GPU_CMD_*`).
+    pub fn cmd_type(&self) -> u32 {
+        match self {
+            Command::GetDisplayInfo => VIRTIO_GPU_CMD_GET_DISPLAY_INFO,
+            Command::GetEdid { .. } => VIRTIO_GPU_CMD_GET_EDID,
+            Command::ResourceCreate2d { .. } => VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            Command::ResourceUnref { .. } => VIRTIO_GPU_CMD_RESOURCE_UNREF,
+            Command::SetScanout { .. } => VIRTIO_GPU_CMD_SET_SCANOUT,
+            Command::ResourceFlush { .. } => VIRTIO_GPU_CMD_RESOURCE_FLUSH,
+            Command::TransferToHost2d { .. } => VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D,
+            Command::ResourceAttachBacking { .. } => VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING,
+            Command::ResourceDetachBacking { .. } => VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING,
+            Command::UpdateCursor { .. } => VIRTIO_GPU_CMD_UPDATE_CURSOR,
+            Command::MoveCursor { .. } => VIRTIO_GPU_CMD_MOVE_CURSOR,
+        }
+    }
+
+    /// Whether the command travels on the cursor queue rather than the control queue.
+    pub fn is_cursor(&self) -> bool {
+        matches!(
+            self,
+            Command::UpdateCursor { .. } | Command::MoveCursor { .. }
+        )
+    }
+}
+
+/// A decoded request: its header and its command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The request header (fence, context, ring).
+    pub hdr: CtrlHeader,
+    /// The command.
+    pub cmd: Command,
+}
+
+impl Request {
+    /// The request's wire form, as a driver would write it. The header's `type_` is taken
+    /// from the command, not from `hdr`. Used by the guest simulator and by tests.
+    pub fn encode(&self) -> Vec<u8> {
+        let hdr = CtrlHeader {
+            type_: self.cmd.cmd_type(),
+            ..self.hdr
+        };
+        let mut out = hdr.to_bytes().to_vec();
+        let mut put = |v: u32| out.extend_from_slice(&v.to_le_bytes());
+        match &self.cmd {
+            Command::GetDisplayInfo => {}
+            Command::GetEdid { scanout_id } => {
+                put(*scanout_id);
+                put(0);
+            }
+            Command::ResourceCreate2d {
+                resource_id,
+                format,
+                width,
+                height,
+            } => {
+                put(*resource_id);
+                put(format.as_u32());
+                put(*width);
+                put(*height);
+            }
+            Command::ResourceUnref { resource_id }
+            | Command::ResourceDetachBacking { resource_id } => {
+                put(*resource_id);
+                put(0);
+            }
+            Command::SetScanout {
+                scanout_id,
+                resource_id,
+                rect,
+            } => {
+                out.extend_from_slice(&rect.to_bytes());
+                out.extend_from_slice(&scanout_id.to_le_bytes());
+                out.extend_from_slice(&resource_id.to_le_bytes());
+            }
+            Command::ResourceFlush { resource_id, rect } => {
+                out.extend_from_slice(&rect.to_bytes());
+                out.extend_from_slice(&resource_id.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+            }
+            Command::TransferToHost2d {
+                resource_id,
+                rect,
+                offset,
+            } => {
+                out.extend_from_slice(&rect.to_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&resource_id.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+            }
+            Command::ResourceAttachBacking {
+                resource_id,
+                entries,
+            } => {
+                put(*resource_id);
+                // A simulator never builds more than u32::MAX entries; saturate anyway.
+                put(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+                for e in entries {
+                    out.extend_from_slice(&e.addr.to_le_bytes());
+                    out.extend_from_slice(&e.length.to_le_bytes());
+                    out.extend_from_slice(&0u32.to_le_bytes());
+                }
+            }
+            Command::UpdateCursor {
+                pos,
+                resource_id,
+                hot_x,
+                hot_y,
+            } => {
+                for v in [
+                    pos.scanout_id,
+                    pos.x,
+                    pos.y,
+                    0,
+                    *resource_id,
+                    *hot_x,
+                    *hot_y,
+                    0,
+                ] {
+                    put(v);
+                }
+            }
+            Command::MoveCursor { pos } => {
+                for v in [pos.scanout_id, pos.x, pos.y, 0, 0, 0, 0, 0] {
+                    put(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Responses.
+
+/// Error responses (`VIRTIO_GPU_RESP_ERR_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// VIRTIO_GPU_RESP_ERR_UNSPEC.
+    Unspec,
+    /// VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY.
+    OutOfMemory,
+    /// VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID.
+    InvalidScanoutId,
+    /// VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID.
+    InvalidResourceId,
+    /// VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID.
+    InvalidContextId,
+    /// VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER.
+    InvalidParameter,
+}
+
+impl ErrorCode {
+    /// The response type on the wire.
+    pub fn resp_type(self) -> u32 {
+        match self {
+            ErrorCode::Unspec => VIRTIO_GPU_RESP_ERR_UNSPEC,
+            ErrorCode::OutOfMemory => VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY,
+            ErrorCode::InvalidScanoutId => VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID,
+            ErrorCode::InvalidResourceId => VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID,
+            ErrorCode::InvalidContextId => VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID,
+            ErrorCode::InvalidParameter => VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
+        }
+    }
+
+    /// The error code for response type `t`, if it is an error response.
+    pub fn from_resp_type(t: u32) -> Option<ErrorCode> {
+        Some(match t {
+            VIRTIO_GPU_RESP_ERR_UNSPEC => ErrorCode::Unspec,
+            VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY => ErrorCode::OutOfMemory,
+            VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID => ErrorCode::InvalidScanoutId,
+            VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID => ErrorCode::InvalidResourceId,
+            VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID => ErrorCode::InvalidContextId,
+            VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER => ErrorCode::InvalidParameter,
+            _ => return None,
+        })
+    }
+}
+
+/// One scanout's entry in the display info response (struct virtio_gpu_display_one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DisplayOne {
+    /// Preferred geometry.
+    pub rect: Rect,
+    /// Whether the scanout is connected.
+    pub enabled: bool,
+    /// Flags (none are defined).
+    pub flags: u32,
+}
+
+/// A response to a control or cursor queue request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// VIRTIO_GPU_RESP_OK_NODATA.
+    OkNodata,
+    /// VIRTIO_GPU_RESP_OK_DISPLAY_INFO: one entry per scanout, in scanout order. On the
+    /// wire this is always the fixed 16-entry array; missing entries are zero, entries
+    /// past the 16th are dropped.
+    OkDisplayInfo(Vec<DisplayOne>),
+    /// VIRTIO_GPU_RESP_OK_EDID: the EDID blob; only the first 1024 bytes fit on the wire,
+    /// the rest is dropped.
+    OkEdid(Vec<u8>),
+    /// An error.
+    Err(ErrorCode),
+}
+
+impl Response {
+    /// The response type on the wire.
+    pub fn resp_type(&self) -> u32 {
+        match self {
+            Response::OkNodata => VIRTIO_GPU_RESP_OK_NODATA,
+            Response::OkDisplayInfo(_) => VIRTIO_GPU_RESP_OK_DISPLAY_INFO,
+            Response::OkEdid(_) => VIRTIO_GPU_RESP_OK_EDID,
+            Response::Err(e) => e.resp_type(),
+        }
+    }
+
+    /// The encoded length of this response in bytes.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Response::OkNodata | Response::Err(_) => CTRL_HDR_SIZE,
+            Response::OkDisplayInfo(_) => RESP_DISPLAY_INFO_SIZE,
+            Response::OkEdid(_) => RESP_EDID_SIZE,
+        }
+    }
+}
+
+/// The header of the response to a request with header `req`.
+///
+/// Per the spec, a fenced request's response carries VIRTIO_GPU_FLAG_FENCE and the same
+/// fence_id; the context id and (with VIRTIO_GPU_FLAG_INFO_RING_IDX) the ring index are
+/// copied too so the driver can tell which timeline signalled. Unfenced requests (and
+/// requests whose header could not be read) get all-zero fields.
+pub fn response_header(req: Option<&CtrlHeader>, resp_type: u32) -> CtrlHeader {
+    match req {
+        Some(h) if h.is_fenced() => CtrlHeader {
+            type_: resp_type,
+            flags: h.flags & (VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX),
+            fence_id: h.fence_id,
+            ctx_id: h.ctx_id,
+            ring_idx: if h.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+                h.ring_idx
+            } else {
+                0
+            },
+        },
+        _ => CtrlHeader {
+            type_: resp_type,
+            ..CtrlHeader::default()
+        },
+    }
+}
+
+/// Encodes `resp` as the answer to the request with header `req` (see
+/// [`response_header`] for how the header is filled).
+pub fn encode_response(req: Option<&CtrlHeader>, resp: &Response) -> Vec<u8> {
+    let hdr = response_header(req, resp.resp_type());
+    let mut out = Vec::with_capacity(resp.encoded_len());
+    out.extend_from_slice(&hdr.to_bytes());
+    match resp {
+        Response::OkNodata | Response::Err(_) => {}
+        Response::OkDisplayInfo(displays) => {
+            for i in 0..VIRTIO_GPU_MAX_SCANOUTS as usize {
+                let d = displays.get(i).copied().unwrap_or_default();
+                out.extend_from_slice(&d.rect.to_bytes());
+                out.extend_from_slice(&u32::from(d.enabled).to_le_bytes());
+                out.extend_from_slice(&d.flags.to_le_bytes());
+            }
+        }
+        Response::OkEdid(edid) => {
+            let n = edid.len().min(VIRTIO_GPU_EDID_MAX_SIZE);
+            // n <= 1024, so the cast is lossless.
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&edid[..n]);
+            out.resize(RESP_EDID_SIZE, 0);
+        }
+    }
+    out
+}
+
+/// Parses a response as a driver would; None if it is too short or of a type this
+/// module does not model. Used by the guest simulator and by tests.
+pub fn decode_response(b: &[u8]) -> Option<(CtrlHeader, Response)> {
+    let hdr = CtrlHeader::from_bytes(b)?;
+    let resp = match hdr.type_ {
+        VIRTIO_GPU_RESP_OK_NODATA => Response::OkNodata,
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO => {
+            if b.len() < RESP_DISPLAY_INFO_SIZE {
+                return None;
+            }
+            let mut v = Vec::with_capacity(VIRTIO_GPU_MAX_SCANOUTS as usize);
+            for i in 0..VIRTIO_GPU_MAX_SCANOUTS as usize {
+                let off = CTRL_HDR_SIZE + i * DISPLAY_ONE_SIZE;
+                v.push(DisplayOne {
+                    rect: Rect::from_bytes_at(b, off)?,
+                    enabled: read_le_u32(b, off + RECT_SIZE)? != 0,
+                    flags: read_le_u32(b, off + RECT_SIZE + 4)?,
+                });
+            }
+            Response::OkDisplayInfo(v)
+        }
+        VIRTIO_GPU_RESP_OK_EDID => {
+            let size = usize::try_from(read_le_u32(b, CTRL_HDR_SIZE)?).ok()?;
+            if size > VIRTIO_GPU_EDID_MAX_SIZE {
+                return None;
+            }
+            let start = CTRL_HDR_SIZE + 8;
+            Response::OkEdid(b.get(start..start + size)?.to_vec())
+        }
+        t => Response::Err(ErrorCode::from_resp_type(t)?),
+    };
+    Some((hdr, resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip_ignores_padding() {
+        let h = CtrlHeader {
+            type_: VIRTIO_GPU_CMD_RESOURCE_FLUSH,
+            flags: VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX,
+            fence_id: 0x0102_0304_0506_0708,
+            ctx_id: 7,
+            ring_idx: 3,
+        };
+        let mut b = h.to_bytes();
+        assert_eq!(b.len(), CTRL_HDR_SIZE);
+        assert_eq!(&b[0..4], &[0x04, 0x01, 0, 0]);
+        assert_eq!(&b[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
+        b[21..24].copy_from_slice(&[0xaa, 0xbb, 0xcc]);
+        assert_eq!(CtrlHeader::from_bytes(&b), Some(h));
+        assert!(h.is_fenced());
+        assert_eq!(CtrlHeader::from_bytes(&b[..23]), None);
+    }
+
+    #[test]
+    fn struct_sizes_match_spec() {
+        assert_eq!(RESP_DISPLAY_INFO_SIZE, 408);
+        assert_eq!(RESP_EDID_SIZE, 1056);
+        assert_eq!(RESOURCE_CREATE_2D_SIZE, 40);
+        assert_eq!(SET_SCANOUT_SIZE, 48);
+        assert_eq!(RESOURCE_FLUSH_SIZE, 48);
+        assert_eq!(TRANSFER_TO_HOST_2D_SIZE, 56);
+        assert_eq!(RESOURCE_ATTACH_BACKING_SIZE, 32);
+        assert_eq!(UPDATE_CURSOR_SIZE, 56);
+    }
+
+    #[test]
+    fn format_wire_values_roundtrip() {
+        for f in Format::ALL {
+            assert_eq!(Format::from_u32(f.as_u32()), Some(f));
+        }
+        assert_eq!(Format::from_u32(0), None);
+        assert_eq!(Format::from_u32(5), None);
+        assert_eq!(Format::from_u32(u32::MAX), None);
+    }
+
+    // Pixel with B=0x11, G=0x22, R=0x33, alpha/pad=0x44, laid out per format.
+    fn sample(f: Format) -> [u8; 4] {
+        let (b, g, r, a) = (0x11, 0x22, 0x33, 0x44);
+        match f {
+            Format::B8G8R8A8Unorm | Format::B8G8R8X8Unorm => [b, g, r, a],
+            Format::A8R8G8B8Unorm | Format::X8R8G8B8Unorm => [a, r, g, b],
+            Format::R8G8B8A8Unorm | Format::R8G8B8X8Unorm => [r, g, b, a],
+            Format::X8B8G8R8Unorm | Format::A8B8G8R8Unorm => [a, b, g, r],
+        }
+    }
+
+    #[test]
+    fn to_bgrx_each_format() {
+        for f in Format::ALL {
+            assert_eq!(f.to_bgrx(sample(f)), [0x11, 0x22, 0x33, 0x44], "{f:?}");
+        }
+        // Spelled out once more, independent of `sample`, for the names that are easiest
+        // to get backwards.
+        assert_eq!(Format::B8G8R8X8Unorm.to_bgrx([1, 2, 3, 4]), [1, 2, 3, 4]);
+        assert_eq!(Format::X8R8G8B8Unorm.to_bgrx([4, 3, 2, 1]), [1, 2, 3, 4]);
+        assert_eq!(Format::R8G8B8A8Unorm.to_bgrx([3, 2, 1, 4]), [1, 2, 3, 4]);
+        assert_eq!(Format::A8B8G8R8Unorm.to_bgrx([4, 1, 2, 3]), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn convert_row_each_format() {
+        for f in Format::ALL {
+            let src: Vec<u8> = (0..5).flat_map(|_| sample(f)).collect();
+            let mut dst = vec![0u8; src.len()];
+            f.convert_row_to_bgrx(&src, &mut dst);
+            for px in dst.chunks_exact(4) {
+                assert_eq!(px, [0x11, 0x22, 0x33, 0x44], "{f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn convert_row_uneven_lengths_do_not_panic() {
+        let src = [1u8, 2, 3, 4, 5, 6, 7];
+        let mut dst = [0u8; 9];
+        Format::R8G8B8X8Unorm.convert_row_to_bgrx(&src, &mut dst);
+        assert_eq!(dst, [3, 2, 1, 4, 0, 0, 0, 0, 0]);
+        Format::B8G8R8A8Unorm.convert_row_to_bgrx(&src, &mut dst[..2]);
+    }
+
+    #[test]
+    fn rect_helpers() {
+        let r = Rect {
+            x: 10,
+            y: 20,
+            width: 30,
+            height: 40,
+        };
+        assert_eq!(r.checked_right(), Some(40));
+        assert_eq!(r.checked_bottom(), Some(60));
+        assert!(r.is_inside(40, 60));
+        assert!(!r.is_inside(39, 60));
+        assert!(!r.is_inside(40, 59));
+        assert!(!r.is_empty());
+        let huge = Rect {
+            x: u32::MAX,
+            y: 0,
+            width: 2,
+            height: 1,
+        };
+        assert_eq!(huge.checked_right(), None);
+        assert!(!huge.is_inside(u32::MAX, u32::MAX));
+        assert!(Rect::default().is_empty());
+        assert!(Rect::default().is_inside(0, 0));
+    }
+
+    #[test]
+    fn rect_intersect() {
+        let a = Rect {
+            x: 0,
+            y: 0,
+            width: 10,
+            height: 10,
+        };
+        let b = Rect {
+            x: 5,
+            y: 7,
+            width: 10,
+            height: 10,
+        };
+        assert_eq!(
+            a.intersect(&b),
+            Some(Rect {
+                x: 5,
+                y: 7,
+                width: 5,
+                height: 3
+            })
+        );
+        assert_eq!(b.intersect(&a), a.intersect(&b));
+        let touching = Rect {
+            x: 10,
+            y: 0,
+            width: 5,
+            height: 5,
+        };
+        assert_eq!(a.intersect(&touching), None);
+        assert_eq!(a.intersect(&Rect::default()), None);
+        let overflowing = Rect {
+            x: 5,
+            y: 5,
+            width: u32::MAX,
+            height: u32::MAX,
+        };
+        assert_eq!(
+            a.intersect(&overflowing),
+            Some(Rect {
+                x: 5,
+                y: 5,
+                width: 5,
+                height: 5
+            })
+        );
+    }
+
+    #[test]
+    fn response_echoes_fence_only_when_fenced() {
+        let fenced = CtrlHeader {
+            type_: VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D,
+            flags: VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX | 0x80,
+            fence_id: 99,
+            ctx_id: 5,
+            ring_idx: 2,
+        };
+        let b = encode_response(Some(&fenced), &Response::OkNodata);
+        assert_eq!(b.len(), CTRL_HDR_SIZE);
+        let h = CtrlHeader::from_bytes(&b).unwrap();
+        assert_eq!(h.type_, VIRTIO_GPU_RESP_OK_NODATA);
+        assert_eq!(
+            h.flags,
+            VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX
+        );
+        assert_eq!((h.fence_id, h.ctx_id, h.ring_idx), (99, 5, 2));
+
+        let no_ring = CtrlHeader {
+            flags: VIRTIO_GPU_FLAG_FENCE,
+            ..fenced
+        };
+        let h =
+            CtrlHeader::from_bytes(&encode_response(Some(&no_ring), &Response::OkNodata)).unwrap();
+        assert_eq!(
+            (h.flags, h.fence_id, h.ring_idx),
+            (VIRTIO_GPU_FLAG_FENCE, 99, 0)
+        );
+
+        let unfenced = CtrlHeader { flags: 0, ..fenced };
+        let b = encode_response(Some(&unfenced), &Response::Err(ErrorCode::InvalidParameter));
+        let h = CtrlHeader::from_bytes(&b).unwrap();
+        assert_eq!(
+            h,
+            CtrlHeader {
+                type_: VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
+                ..CtrlHeader::default()
+            }
+        );
+        let h = CtrlHeader::from_bytes(&encode_response(None, &Response::OkNodata)).unwrap();
+        assert_eq!(h.flags, 0);
+    }
+
+    #[test]
+    fn display_info_encoding() {
+        let d = DisplayOne {
+            rect: Rect {
+                x: 0,
+                y: 0,
+                width: 1280,
+                height: 800,
+            },
+            enabled: true,
+            flags: 0,
+        };
+        let b = encode_response(None, &Response::OkDisplayInfo(vec![d]));
+        assert_eq!(b.len(), RESP_DISPLAY_INFO_SIZE);
+        assert_eq!(read_le_u32(&b, 24 + 8), Some(1280));
+        assert_eq!(read_le_u32(&b, 24 + 12), Some(800));
+        assert_eq!(read_le_u32(&b, 24 + 16), Some(1));
+        assert!(b[24 + DISPLAY_ONE_SIZE..].iter().all(|&x| x == 0));
+        let (_, r) = decode_response(&b).unwrap();
+        let Response::OkDisplayInfo(v) = r else {
+            panic!("wrong type")
+        };
+        assert_eq!(v.len(), 16);
+        assert_eq!(v[0], d);
+
+        // More than 16 entries must not grow the response.
+        let many = vec![d; 40];
+        assert_eq!(
+            encode_response(None, &Response::OkDisplayInfo(many)).len(),
+            RESP_DISPLAY_INFO_SIZE
+        );
+    }
+
+    #[test]
+    fn edid_encoding_truncates() {
+        let b = encode_response(None, &Response::OkEdid(vec![0xab; 128]));
+        assert_eq!(b.len(), RESP_EDID_SIZE);
+        assert_eq!(read_le_u32(&b, 24), Some(128));
+        assert_eq!(read_le_u32(&b, 28), Some(0));
+        assert!(b[32..160].iter().all(|&x| x == 0xab));
+        assert!(b[160..].iter().all(|&x| x == 0));
+        assert_eq!(
+            decode_response(&b).unwrap().1,
+            Response::OkEdid(vec![0xab; 128])
+        );
+
+        let b = encode_response(None, &Response::OkEdid(vec![1; 5000]));
+        assert_eq!(b.len(), RESP_EDID_SIZE);
+        assert_eq!(read_le_u32(&b, 24), Some(1024));
+    }
+
+    #[test]
+    fn error_codes_roundtrip() {
+        for e in [
+            ErrorCode::Unspec,
+            ErrorCode::OutOfMemory,
+            ErrorCode::InvalidScanoutId,
+            ErrorCode::InvalidResourceId,
+            ErrorCode::InvalidContextId,
+            ErrorCode::InvalidParameter,
+        ] {
+            assert_eq!(ErrorCode::from_resp_type(e.resp_type()), Some(e));
+        }
+        assert_eq!(ErrorCode::Unspec.resp_type(), 0x1200);
+        assert_eq!(ErrorCode::InvalidParameter.resp_type(), 0x1205);
+    }
+
+    #[test]
+    fn request_encode_layout() {
+        let req = Request {
+            hdr: CtrlHeader::default(),
+            cmd: Command::TransferToHost2d {
+                resource_id: 9,
+                rect: Rect {
+                    x: 1,
+                    y: 2,
+                    width: 3,
+                    height: 4,
+                },
+                offset: 0x1_0000_0000,
+            },
+        };
+        let b = req.encode();
+        assert_eq!(b.len(), TRANSFER_TO_HOST_2D_SIZE);
+        assert_eq!(read_le_u32(&b, 0), Some(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D));
+        assert_eq!(read_le_u32(&b, 24), Some(1));
+        assert_eq!(read_le_u32(&b, 36), Some(4));
+        assert_eq!(read_le_u64(&b, 40), Some(0x1_0000_0000));
+        assert_eq!(read_le_u32(&b, 48), Some(9));
+
+        let cursor = Request {
+            hdr: CtrlHeader::default(),
+            cmd: Command::UpdateCursor {
+                pos: CursorPos {
+                    scanout_id: 1,
+                    x: 2,
+                    y: 3,
+                },
+                resource_id: 4,
+                hot_x: 5,
+                hot_y: 6,
+            },
+        }
+        .encode();
+        assert_eq!(cursor.len(), UPDATE_CURSOR_SIZE);
+        assert_eq!(read_le_u32(&cursor, 40), Some(4));
+        assert_eq!(read_le_u32(&cursor, 48), Some(6));
+    }
 }

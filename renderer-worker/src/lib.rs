@@ -1,1 +1,64 @@
-//! placeholder
+//! The renderer-worker role of vgpu-sandbox: the jailed process that owns the renderer.
+//!
+//! It receives validated requests from the device-frontend, executes them on a renderer
+//! backend ([`Renderer`]; rutabaga 2D today) in strict order on one thread, and answers
+//! with replies and fence events. Guest memory and scanout buffers reach it as fds on the
+//! descriptor lane and are mapped here; nothing leaves it as a pointer.
+
+mod backend;
+mod cursor;
+mod error;
+mod events;
+mod executor;
+mod geometry;
+mod guest_memory;
+mod mapping;
+mod resources;
+mod rutabaga_2d;
+mod sandbox;
+mod scanout;
+#[cfg(test)]
+mod test_util;
+
+pub use backend::{Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS};
+pub use cursor::{CURSOR_BYTES, CURSOR_SIZE};
+pub use error::RendererError;
+pub use events::{EventSink, SinkClosed};
+pub use executor::Executor;
+pub use guest_memory::{Backing, GuestMemory, HostIovec, MAX_REGIONS};
+pub use rutabaga_2d::Rutabaga2d;
+pub use sandbox::enter_jail;
+
+use protocol::bootstrap::{ChildStatus, RendererBootstrap};
+use protocol::lane::Lane;
+
+/// The renderer-worker's main: builds the renderer, jails the process, reports
+/// [`ChildStatus::Ready`] to the broker and serves requests until the frontend closes the
+/// request channel (then `Ok`).
+pub fn run(boot: RendererBootstrap) -> Result<(), RendererError> {
+    let RendererBootstrap {
+        config,
+        requests,
+        events,
+        to_broker,
+        lane_fd,
+    } = boot;
+    if lane_fd < 0 {
+        return Err(RendererError::Bootstrap(format!("lane fd {lane_fd}")));
+    }
+    // SAFETY: the broker makes the descriptor lane our inherited fd `lane_fd` and nothing
+    // else in this process opens, wraps or closes that number; `Lane` becomes its sole
+    // owner here, once.
+    let lane = unsafe { Lane::from_raw_fd(lane_fd) };
+    let events = EventSink::new(events);
+    let renderer =
+        Rutabaga2d::new(config.limits, events.fence_callback()).map_err(RendererError::Init)?;
+    log::info!("renderer built (rutabaga 2D)");
+    let executor = Executor::new(renderer, lane, events, &config);
+    sandbox::enter_jail(&config)?;
+    to_broker
+        .send(ChildStatus::Ready)
+        .map_err(RendererError::Broker)?;
+    log::info!("renderer ready");
+    executor.run(&requests)
+}

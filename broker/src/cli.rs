@@ -1,0 +1,162 @@
+//! The command line, following QEMU's conventions for vhost-user backends
+//! (docs/interop/vhost-user.rst: --socket-path / --fd, --print-capabilities) plus the GPU
+//! options (--render-node, --virgl) and our own outputs and limits.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use log::LevelFilter;
+use protocol::config::{DeviceConfig, Limits, OutputConfig, MAX_SCANOUTS};
+
+/// A sandboxed virtio-gpu device, served as a vhost-user backend.
+#[derive(Debug, Parser)]
+#[command(name = "vgpu-sandbox", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Options of the backend itself.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen for the VMM on this unix socket path (created; a stale socket is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this inherited, already listening unix socket.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// DRM render node to use (checked to exist; the 2D renderer does not open it).
+    #[arg(long, value_name = "PATH")]
+    pub render_node: Option<PathBuf>,
+    /// Enable virgl 3D (not available in this build: fails early).
+    #[arg(long)]
+    pub virgl: bool,
+    /// An output of WIDTHxHEIGHT pixels; repeat for more outputs (default: one 1280x800).
+    #[arg(long = "output", value_name = "WxH", value_parser = parse_output)]
+    pub outputs: Vec<OutputConfig>,
+    /// Do not offer VIRTIO_GPU_F_EDID.
+    #[arg(long)]
+    pub no_edid: bool,
+    /// Most host memory all guest resources together may use, in MiB.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_resource_memory: Option<u64>,
+    /// Log level: off, error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = crate::logger::parse_level)]
+    pub log_level: LevelFilter,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Run the whole stack against the built-in test VMM and report what happened.
+    Demo(DemoArgs),
+}
+
+/// Options of `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Frames to draw and verify.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pub frames: u32,
+    /// Output size.
+    #[arg(long, value_name = "WxH", default_value = "640x480", value_parser = parse_output)]
+    pub output: OutputConfig,
+}
+
+/// Parses `WIDTHxHEIGHT`.
+pub fn parse_output(s: &str) -> Result<OutputConfig, String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
+    let parse = |v: &str| -> Result<u32, String> {
+        let n: u32 = v
+            .parse()
+            .map_err(|_| format!("'{s}' is not WIDTHxHEIGHT"))?;
+        if !(16..=16384).contains(&n) {
+            return Err(format!("'{s}': each side must be 16..=16384 pixels"));
+        }
+        Ok(n)
+    };
+    Ok(OutputConfig {
+        width: parse(w)?,
+        height: parse(h)?,
+    })
+}
+
+impl ServeArgs {
+    /// The device configuration these options describe.
+    pub fn device_config(&self) -> Result<DeviceConfig, String> {
+        let mut config = DeviceConfig::default();
+        if !self.outputs.is_empty() {
+            if self.outputs.len() > MAX_SCANOUTS {
+                return Err(format!(
+                    "{} outputs given, virtio-gpu supports at most {MAX_SCANOUTS}",
+                    self.outputs.len()
+                ));
+            }
+            config.outputs = self.outputs.clone();
+        }
+        config.edid = !self.no_edid;
+        if let Some(mib) = self.max_resource_memory {
+            config.limits = Limits {
+                max_resource_bytes: mib << 20,
+                ..config.limits
+            };
+        }
+        Ok(config)
+    }
+}
+
+/// `--print-capabilities`: what this build really supports, in QEMU's format.
+pub fn capabilities_json() -> String {
+    serde_json::json!({
+        "type": "gpu",
+        "features": ["render-node"],
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_parse_and_reject() {
+        assert_eq!(
+            parse_output("1024x768"),
+            Ok(OutputConfig {
+                width: 1024,
+                height: 768
+            })
+        );
+        for bad in [
+            "1024",
+            "x768",
+            "0x10",
+            "1024x99999",
+            "axb",
+            "1024x768x2",
+            "",
+        ] {
+            assert!(parse_output(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn socket_and_fd_are_exclusive() {
+        let r = Cli::try_parse_from(["vgpu-sandbox", "--socket-path", "/tmp/x", "--fd", "3"]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn capabilities_are_json_of_type_gpu() {
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json()).unwrap();
+        assert_eq!(v["type"], "gpu");
+        assert!(v["features"].is_array());
+    }
+}

@@ -1,0 +1,195 @@
+//! Supervision: the broker sleeps on a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), reaps
+//! its children, and decides how the device ends: cleanly (SIGTERM, or the VMM went away and
+//! the frontend exited 0) or with an error that names the child that failed.
+
+use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+/// How long a child may take to exit after SIGTERM before it gets SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Exit code of the frontend when its renderer went away (see device-frontend).
+const FRONTEND_RENDERER_GONE: i32 = device_frontend::EXIT_RENDERER_GONE;
+/// Exit code of a child whose seccomp filter trapped (diagnostic mode, see policy).
+const SECCOMP_TRAP_EXIT: i32 = 159;
+
+/// Blocks the signals the broker handles and returns a signalfd for them. Must run before
+/// any thread is started, so that every thread inherits the mask.
+pub fn signal_fd() -> nix::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    set.thread_block()?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)
+}
+
+/// A child with its role name.
+pub struct Managed {
+    /// Role name for messages.
+    pub role: &'static str,
+    /// The process.
+    pub child: Child,
+    /// Its exit status once reaped.
+    pub status: Option<ExitStatus>,
+}
+
+impl Managed {
+    /// Wraps a child.
+    pub fn new(role: &'static str, child: Child) -> Self {
+        Managed {
+            role,
+            child,
+            status: None,
+        }
+    }
+
+    fn reap(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.status = Some(st);
+            }
+        }
+        self.status
+    }
+}
+
+/// Describes an exit status for humans.
+pub fn describe(status: ExitStatus) -> String {
+    if let Some(sig) = status.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| format!("signal {sig}"));
+        let why = if sig == libc::SIGSYS {
+            " (seccomp violation: it made a forbidden system call)"
+        } else {
+            ""
+        };
+        return format!("was killed by {name}{why}");
+    }
+    match status.code() {
+        Some(0) => "exited with status 0".into(),
+        Some(SECCOMP_TRAP_EXIT) => {
+            "exited with status 159 (seccomp violation, reported above)".into()
+        }
+        Some(c) => format!("exited with status {c}"),
+        None => "ended".into(),
+    }
+}
+
+/// Supervises the two children until the device ends; returns the broker's exit code.
+pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed) -> i32 {
+    loop {
+        let sig = match sfd.read_signal() {
+            Ok(Some(info)) => info.ssi_signo as i32,
+            Ok(None) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                log::error!("reading signals failed: {e}; stopping");
+                stop_all(sfd, &mut [frontend, renderer]);
+                return 1;
+            }
+        };
+        if sig == libc::SIGCHLD {
+            let fe = frontend.reap();
+            let re = renderer.reap();
+            match (fe, re) {
+                (None, None) => continue,
+                (Some(st), None) if st.code() == Some(0) => {
+                    log::info!(
+                        "device-frontend finished (VMM disconnected); stopping the renderer-worker"
+                    );
+                    stop_all(sfd, &mut [renderer]);
+                    return 0;
+                }
+                _ => {
+                    // The renderer is named first: when it dies, the frontend follows
+                    // with EXIT_RENDERER_GONE, and the renderer is the news.
+                    let culprit = if let Some(st) = re {
+                        format!(
+                            "{} (pid {}) {}",
+                            renderer.role,
+                            renderer.child.id(),
+                            describe(st)
+                        )
+                    } else {
+                        let st = fe.expect("one of them exited");
+                        let mut s = format!(
+                            "{} (pid {}) {}",
+                            frontend.role,
+                            frontend.child.id(),
+                            describe(st)
+                        );
+                        if st.code() == Some(FRONTEND_RENDERER_GONE) {
+                            s.push_str(" after losing the renderer-worker");
+                        }
+                        s
+                    };
+                    log::error!("{culprit}; stopping the device");
+                    stop_all(sfd, &mut [frontend, renderer]);
+                    return 1;
+                }
+            }
+        }
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("signal");
+        log::info!("received {name}; stopping the device");
+        stop_all(sfd, &mut [frontend, renderer]);
+        return 0;
+    }
+}
+
+/// SIGTERM to every live child, bounded wait, then SIGKILL for stragglers.
+pub fn stop_all(sfd: &SignalFd, children: &mut [&mut Managed]) {
+    for m in children.iter_mut() {
+        if m.reap().is_none() {
+            let pid = nix::unistd::Pid::from_raw(m.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while children.iter_mut().any(|m| m.reap().is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            for m in children.iter_mut() {
+                if m.reap().is_none() {
+                    log::warn!(
+                        "{} (pid {}) ignored SIGTERM for {STOP_TIMEOUT:?}; killing it",
+                        m.role,
+                        m.child.id()
+                    );
+                    let _ = m.child.kill();
+                    m.status = m.child.wait().ok();
+                }
+            }
+            break;
+        }
+        let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::MAX);
+        if let Ok(n) = poll(&mut fds, ms) {
+            if n > 0 {
+                // Drain one signal; SIGCHLD is what we wait for, a second SIGTERM changes
+                // nothing (the children already have theirs).
+                let _ = sfd.read_signal();
+            }
+        }
+    }
+    for m in children.iter_mut() {
+        if let Some(st) = m.status {
+            log::debug!("{} (pid {}) {}", m.role, m.child.id(), describe(st));
+        }
+    }
+}

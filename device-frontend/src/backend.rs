@@ -1,0 +1,158 @@
+//! The vhost-user backend: what vhost-user-backend's daemon calls. It owns no device state;
+//! every event is forwarded to the control actor's mailbox, so the vhost-user thread and the
+//! vring epoll thread never block on the renderer.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::GpuBackend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vmm_sys_util::epoll::EventSet;
+
+use protocol::config::DeviceConfig;
+use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
+
+use crate::config_space::ConfigSpace;
+use crate::control::{GuestMem, Input, NUM_QUEUES};
+
+/// Largest virtqueue the device accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// The device as vhost-user-backend sees it.
+#[derive(Clone)]
+pub struct GpuDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mailbox: Sender<Input>,
+    features: u64,
+    config: Mutex<ConfigSpace>,
+    event_idx: Arc<AtomicBool>,
+}
+
+impl GpuDevice {
+    /// A device that forwards to `mailbox`; `event_idx` is shared with the control actor.
+    pub fn new(config: &DeviceConfig, mailbox: Sender<Input>, event_idx: Arc<AtomicBool>) -> Self {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | VHOST_USER_F_PROTOCOL_FEATURES;
+        if config.edid {
+            features |= 1u64 << VIRTIO_GPU_F_EDID;
+        }
+        GpuDevice {
+            inner: Arc::new(Inner {
+                mailbox,
+                features,
+                config: Mutex::new(ConfigSpace {
+                    events_read: 0,
+                    num_scanouts: config.outputs.len() as u32,
+                    num_capsets: 0,
+                }),
+                event_idx,
+            }),
+        }
+    }
+
+    fn send(&self, input: Input) {
+        if self.inner.mailbox.send(input).is_err() {
+            log::debug!("control actor gone; event dropped");
+        }
+    }
+}
+
+impl VhostUserBackend for GpuDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::info!("driver features acked: {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.send(Input::Reset);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        match self.inner.config.lock() {
+            Ok(c) => c.read(offset, size),
+            Err(_) => vec![0; size.min(16) as usize],
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let mut c = self
+            .inner
+            .config
+            .lock()
+            .map_err(|_| io::Error::other("config lock poisoned"))?;
+        if !c.write(offset, buf) {
+            log::warn!(
+                "ignored write of {} byte(s) to read-only config offset {offset}",
+                buf.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        self.send(Input::Memory(mem));
+        Ok(())
+    }
+
+    fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
+        self.send(Input::GpuSocket(gpu_backend));
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!(
+                "unexpected epoll events {evset:?} on queue {device_event}"
+            )));
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Err(io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            )));
+        };
+        self.send(Input::Kick {
+            queue: device_event,
+            vring: vring.clone(),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! The control actor: the single owner of the device state (resource table, scanouts,
+//! in-flight commands). Every input (a queue kick, a new memory table, a renderer reply, a
+//! reset) arrives in its mailbox and is handled to completion before the next one, so no
+//! state is shared between threads.
+//!
+//! Commands of one queue are answered in the order the guest queued them. A command that
+//! needs the renderer stays in its queue's FIFO until every reply it waits for (and, when
+//! fenced, its fence) has arrived; that is what makes fenced commands complete in fence
+//! order.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use protocol::config::DeviceConfig;
+use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, ReplyBody};
+use protocol::virtio_gpu::{encode_response, CtrlHeader, ErrorCode, Format, Rect, Response};
+use vhost::vhost_user::GpuBackend;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+
+use crate::decode::Queue;
+use crate::display::Display;
+use crate::error::FrontendError;
+use crate::renderer_link::RendererLink;
+use crate::resources::ResourceTable;
+use crate::scanout::Scanout;
+
+/// Guest memory as vhost-user-backend hands it to us.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A descriptor chain popped from a virtqueue.
+pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// Index of the control queue.
+pub const CONTROL_QUEUE: u16 = 0;
+/// Index of the cursor queue.
+pub const CURSOR_QUEUE: u16 = 1;
+/// Number of virtqueues.
+pub const NUM_QUEUES: usize = 2;
+
+/// The control actor's mailbox messages.
+pub enum Input {
+    /// The driver kicked a queue.
+    Kick {
+        /// Queue index.
+        queue: u16,
+        /// The queue's vring (cheap clone of a shared handle).
+        vring: VringRwLock,
+    },
+    /// The VMM sent a new memory table.
+    Memory(GuestMem),
+    /// The VMM's display socket.
+    GpuSocket(GpuBackend),
+    /// A renderer reply or event.
+    Renderer(RendererEvent),
+    /// The renderer's event channel closed.
+    RendererGone,
+    /// VHOST_USER_RESET_DEVICE.
+    Reset,
+    /// The VMM disconnected; stop.
+    Shutdown,
+}
+
+/// What to do when the renderer answers one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum After {
+    /// Nothing beyond answering the guest.
+    Nothing,
+    /// CREATE failed in the renderer: forget the resource again.
+    Created { resource_id: u32 },
+    /// ATTACH failed in the renderer: forget the backing again.
+    Attached { resource_id: u32 },
+    /// The scanout's buffer holds the new picture: announce the scanout and show it all.
+    ScanoutShown { scanout_id: u32 },
+    /// Damage copied into the scanout buffer: send it as an UPDATE.
+    Flushed { scanout_id: u32, rect: Rect },
+    /// Cursor pixels arrived.
+    Cursor {
+        format: Format,
+        pos: (u32, u32, u32),
+        hot: (u32, u32),
+    },
+}
+
+struct PendingReply {
+    /// (queue, entry id) of the guest command waiting for this reply, if any.
+    entry: Option<(usize, u64)>,
+    after: After,
+}
+
+/// A guest command between being popped and being answered.
+pub(crate) struct Entry {
+    id: u64,
+    chain: Chain,
+    hdr: Option<CtrlHeader>,
+    response: Response,
+    replies_left: u32,
+    fence: Option<FenceInfo>,
+    fence_done: bool,
+}
+
+impl Entry {
+    fn ready(&self) -> bool {
+        self.replies_left == 0 && (self.fence.is_none() || self.fence_done)
+    }
+}
+
+/// The actor's state.
+pub struct Control {
+    pub(crate) config: DeviceConfig,
+    pub(crate) link: RendererLink,
+    pub(crate) resources: ResourceTable,
+    pub(crate) scanouts: Vec<Scanout>,
+    pub(crate) display: Option<Display>,
+    pub(crate) mem: Option<GuestMem>,
+    vrings: [Option<VringRwLock>; NUM_QUEUES],
+    fifos: [VecDeque<Entry>; NUM_QUEUES],
+    pending: HashMap<u64, PendingReply>,
+    next_entry_id: u64,
+    /// The entry being executed right now, so `request` can charge replies to it.
+    current: Option<(usize, u64)>,
+    event_idx: Arc<AtomicBool>,
+    pub(crate) stats: Stats,
+}
+
+/// Counters for the log at shutdown.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commands answered.
+    pub commands: u64,
+    /// Commands answered with an error.
+    pub errors: u64,
+    /// UPDATE messages sent.
+    pub updates: u64,
+    /// Pixel bytes sent in UPDATEs.
+    pub update_bytes: u64,
+}
+
+impl Control {
+    /// A fresh device.
+    pub fn new(config: DeviceConfig, link: RendererLink, event_idx: Arc<AtomicBool>) -> Self {
+        let scanouts = config.outputs.iter().map(|_| Scanout::default()).collect();
+        Control {
+            resources: ResourceTable::new(config.limits),
+            config,
+            link,
+            scanouts,
+            display: None,
+            mem: None,
+            vrings: [None, None],
+            fifos: [VecDeque::new(), VecDeque::new()],
+            pending: HashMap::new(),
+            next_entry_id: 1,
+            current: None,
+            event_idx,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Runs until shutdown or until the renderer goes away.
+    pub fn run(mut self, mailbox: Receiver<Input>) -> Result<Stats, FrontendError> {
+        while let Ok(input) = mailbox.recv() {
+            match input {
+                Input::Kick { queue, vring } => {
+                    if let Some(slot) = self.vrings.get_mut(queue as usize) {
+                        *slot = Some(vring);
+                        self.drain_queue(queue as usize)?;
+                    }
+                }
+                Input::Memory(mem) => self.set_memory(mem)?,
+                Input::GpuSocket(backend) => match Display::connect(backend) {
+                    Ok(d) => self.display = Some(d),
+                    Err(e) => log::warn!("display socket handshake failed: {e}"),
+                },
+                Input::Renderer(RendererEvent::Reply { seq, result }) => self.on_reply(seq, result),
+                Input::Renderer(RendererEvent::FenceSignaled(f)) => self.on_fence(f),
+                Input::RendererGone => return Err(FrontendError::RendererGone),
+                Input::Reset => self.reset()?,
+                Input::Shutdown => break,
+            }
+            for q in 0..NUM_QUEUES {
+                self.complete_ready(q);
+            }
+        }
+        Ok(self.stats)
+    }
+
+    fn set_memory(&mut self, mem: GuestMem) -> Result<(), FrontendError> {
+        use protocol::ipc::GuestRegion;
+        use std::os::fd::AsFd;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+        let snapshot = mem.memory();
+        let mut regions = Vec::new();
+        let mut fds = Vec::new();
+        for region in snapshot.iter() {
+            let Some(fo) = region.file_offset() else {
+                log::warn!(
+                    "guest memory region at {:#x} has no fd; the renderer cannot reach it",
+                    region.start_addr().0
+                );
+                continue;
+            };
+            regions.push(GuestRegion {
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                fd_offset: fo.start(),
+            });
+            fds.push(fo.file().as_fd());
+        }
+        log::info!("guest memory table: {} region(s)", regions.len());
+        let ticket = self.link.send_fds(&fds)?;
+        drop(fds);
+        self.mem = Some(mem.clone());
+        self.request(
+            RendererOp::SetGuestMemory {
+                regions,
+                fds: ticket,
+            },
+            None,
+            After::Nothing,
+        )?;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), FrontendError> {
+        log::info!(
+            "device reset: dropping {} resource(s) and {} in-flight command(s)",
+            self.resources.len(),
+            self.fifos.iter().map(VecDeque::len).sum::<usize>()
+        );
+        for fifo in &mut self.fifos {
+            fifo.clear();
+        }
+        self.pending.retain(|_, p| p.entry.is_none());
+        self.resources.clear();
+        for (id, s) in self.scanouts.iter_mut().enumerate() {
+            if s.is_enabled() {
+                if let Some(d) = self.display.as_mut() {
+                    d.scanout(id as u32, 0, 0);
+                }
+            }
+            *s = Scanout::default();
+        }
+        self.request(RendererOp::Reset, None, After::Nothing)?;
+        Ok(())
+    }
+
+    /// Sends a renderer request on behalf of the command being executed (if any).
+    pub(crate) fn request(
+        &mut self,
+        op: RendererOp,
+        fence: Option<FenceInfo>,
+        after: After,
+    ) -> Result<(), FrontendError> {
+        let seq = self.link.send(op, fence)?;
+        let entry = self.current;
+        if let Some((q, id)) = entry {
+            if let Some(e) = self.fifos[q].iter_mut().rev().find(|e| e.id == id) {
+                e.replies_left += 1;
+                if fence.is_some() {
+                    e.fence = fence;
+                }
+            }
+        }
+        self.pending.insert(seq, PendingReply { entry, after });
+        Ok(())
+    }
+
+    fn drain_queue(&mut self, q: usize) -> Result<(), FrontendError> {
+        let (Some(vring), Some(mem)) = (self.vrings[q].clone(), self.mem.clone()) else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    log::warn!("queue {q}: disabling notifications failed: {e}");
+                }
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.memory());
+                let Some(chain) = chain else { break };
+                self.handle_chain(q, chain)?;
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("queue {q}: enabling notifications failed: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_chain(&mut self, q: usize, chain: Chain) -> Result<(), FrontendError> {
+        let id = self.next_entry_id;
+        self.next_entry_id += 1;
+        let bytes = read_request(&chain, self.max_request_bytes());
+        self.fifos[q].push_back(Entry {
+            id,
+            chain,
+            hdr: None,
+            response: Response::OkNodata,
+            replies_left: 0,
+            fence: None,
+            fence_done: false,
+        });
+        let queue = if q == CONTROL_QUEUE as usize {
+            Queue::Control
+        } else {
+            Queue::Cursor
+        };
+        let outcome = match bytes {
+            Ok(bytes) => {
+                match crate::decode::decode(queue, &bytes, self.config.limits.max_backing_entries) {
+                    Ok(req) => {
+                        self.set_current_hdr(q, id, Some(req.hdr));
+                        self.current = Some((q, id));
+                        let r = self.execute(req);
+                        self.current = None;
+                        r
+                    }
+                    Err(e) => {
+                        log::warn!("queue {q}: rejected command: {e}");
+                        self.set_current_hdr(q, id, e.header());
+                        Ok(Err(e.error_code()))
+                    }
+                }
+            }
+            Err(why) => {
+                log::warn!("queue {q}: unreadable descriptor chain: {why}");
+                Ok(Err(ErrorCode::Unspec))
+            }
+        };
+        match outcome? {
+            Ok(Some(response)) => self.set_response(q, id, response),
+            Ok(None) => {}
+            Err(code) => self.set_response(q, id, Response::Err(code)),
+        }
+        Ok(())
+    }
+
+    fn max_request_bytes(&self) -> usize {
+        // Header, attach_backing body, and every entry the limits allow.
+        (32 + 16 * self.config.limits.max_backing_entries as usize).max(4096)
+    }
+
+    fn entry_mut(&mut self, q: usize, id: u64) -> Option<&mut Entry> {
+        self.fifos[q].iter_mut().rev().find(|e| e.id == id)
+    }
+
+    fn set_current_hdr(&mut self, q: usize, id: u64, hdr: Option<CtrlHeader>) {
+        if let Some(e) = self.entry_mut(q, id) {
+            e.hdr = hdr;
+        }
+    }
+
+    fn set_response(&mut self, q: usize, id: u64, response: Response) {
+        if let Some(e) = self.entry_mut(q, id) {
+            e.response = response;
+        }
+    }
+
+    fn on_reply(&mut self, seq: u64, result: Result<ReplyBody, protocol::ipc::RenderError>) {
+        let Some(p) = self.pending.remove(&seq) else {
+            log::warn!("renderer replied to unknown request {seq}; ignored");
+            return;
+        };
+        let outcome = match result {
+            Ok(body) => self.after_ok(p.after, body),
+            Err(e) => {
+                log::warn!("renderer refused request {seq}: {e}");
+                self.after_err(p.after);
+                Err(render_error_code(&e))
+            }
+        };
+        if let Some((q, id)) = p.entry {
+            if let Some(e) = self.entry_mut(q, id) {
+                e.replies_left = e.replies_left.saturating_sub(1);
+                if let Err(code) = outcome {
+                    if !matches!(e.response, Response::Err(_)) {
+                        e.response = Response::Err(code);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_fence(&mut self, f: FenceInfo) {
+        for fifo in &mut self.fifos {
+            for e in fifo.iter_mut() {
+                if let Some(mine) = e.fence {
+                    if mine.ctx_id == f.ctx_id
+                        && mine.ring_idx == f.ring_idx
+                        && mine.fence_id <= f.fence_id
+                    {
+                        e.fence_done = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete_ready(&mut self, q: usize) {
+        let Some(vring) = self.vrings[q].clone() else {
+            return;
+        };
+        let mut used = false;
+        while self.fifos[q].front().is_some_and(Entry::ready) {
+            let Some(entry) = self.fifos[q].pop_front() else {
+                break;
+            };
+            self.stats.commands += 1;
+            if matches!(entry.response, Response::Err(_)) {
+                self.stats.errors += 1;
+            }
+            let bytes = encode_response(entry.hdr.as_ref(), &entry.response);
+            let written = write_response(&entry.chain, &bytes);
+            if let Err(e) = vring.add_used(entry.chain.head_index(), written) {
+                log::warn!("queue {q}: add_used failed: {e}");
+            }
+            used = true;
+        }
+        if used {
+            match vring.needs_notification() {
+                Ok(true) => {
+                    if let Err(e) = vring.signal_used_queue() {
+                        log::warn!("queue {q}: signalling the driver failed: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => log::warn!("queue {q}: needs_notification failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Maps a renderer refusal onto the guest-visible error.
+fn render_error_code(e: &protocol::ipc::RenderError) -> ErrorCode {
+    use protocol::ipc::RenderError;
+    match e {
+        RenderError::InvalidResource(_) => ErrorCode::InvalidResourceId,
+        RenderError::InvalidParameter(_) => ErrorCode::InvalidParameter,
+        RenderError::OutOfMemory(_) => ErrorCode::OutOfMemory,
+        RenderError::Unspec(_) => ErrorCode::Unspec,
+    }
+}
+
+/// Gathers the readable part of a chain, refusing chains longer than `max` bytes before
+/// allocating anything for them.
+fn read_request(chain: &Chain, max: usize) -> Result<Vec<u8>, String> {
+    let mut reader = Reader::new(chain.memory(), chain.clone()).map_err(|e| e.to_string())?;
+    let len = reader.available_bytes();
+    if len > max {
+        return Err(format!("{len} readable bytes, at most {max} accepted"));
+    }
+    let mut bytes = vec![0u8; len];
+    reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// Writes as much of the response as the chain's writable part holds; returns the length
+/// written (0 when the chain has no usable writable part).
+fn write_response(chain: &Chain, bytes: &[u8]) -> u32 {
+    let mut writer = match Writer::new(chain.memory(), chain.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("response not written: bad writable descriptors: {e}");
+            return 0;
+        }
+    };
+    let n = writer.available_bytes().min(bytes.len());
+    if n < bytes.len() {
+        log::warn!(
+            "response truncated: {} bytes of room for a {}-byte response",
+            n,
+            bytes.len()
+        );
+    }
+    match writer.write_all(&bytes[..n]) {
+        Ok(()) => n as u32,
+        Err(e) => {
+            log::warn!("writing the response failed: {e}");
+            0
+        }
+    }
+}

@@ -1,0 +1,1187 @@
+//! Decoding and static validation of guest virtio-gpu requests.
+//!
+//! The decoder turns the gathered bytes of one descriptor chain into a typed
+//! [`Request`]. It checks everything that can be checked without state (lengths, known
+//! command for the queue, formats, ids that must be non-zero, arithmetic that must not
+//! overflow, bounded entry counts), so the executor only has to check what depends on
+//! the resource table and the device configuration (whether a resource exists, whether
+//! a scanout id is below the configured count, per-VM memory limits, rects against
+//! resource sizes, offsets against the attached backing).
+//!
+//! Bodies longer than their struct are accepted and the excess ignored: the Linux driver
+//! may hand over a larger buffer than the command needs, and QEMU accepts that too.
+
+use protocol::ipc::BackingEntry;
+use protocol::virtio_gpu::*;
+use thiserror::Error;
+
+/// The virtqueue a request arrived on; each accepts only its own commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// The control queue (queue 0): every command except the cursor ones.
+    Control,
+    /// The cursor queue (queue 1): UPDATE_CURSOR and MOVE_CURSOR only.
+    Cursor,
+}
+
+/// A request that could not be decoded: what was wrong, and the request header when it
+/// could be read, so the error response can still echo the fence.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("{kind}")]
+pub struct DecodeError {
+    /// The request header, if the request was at least [`CTRL_HDR_SIZE`] bytes long.
+    pub hdr: Option<CtrlHeader>,
+    /// What was wrong.
+    pub kind: DecodeErrorKind,
+}
+
+impl DecodeError {
+    /// The request header, if it could be parsed (pass it to `encode_response`).
+    pub fn header(&self) -> Option<CtrlHeader> {
+        self.hdr
+    }
+
+    /// The virtio-gpu error to answer the request with.
+    pub fn error_code(&self) -> ErrorCode {
+        self.kind.error_code()
+    }
+
+    /// Whether the command is known but not implemented, as opposed to malformed; lets
+    /// the caller log these at a different level.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self.kind, DecodeErrorKind::Unsupported(_))
+    }
+}
+
+/// The reasons a request is rejected by the decoder.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum DecodeErrorKind {
+    /// Fewer bytes than a control header.
+    #[error("request of {len} bytes is shorter than the {CTRL_HDR_SIZE}-byte header")]
+    ShortHeader {
+        /// Bytes available.
+        len: usize,
+    },
+    /// The body is shorter than the command's struct.
+    #[error("{} needs {need} bytes but the request has {got}", cmd_label(*.cmd))]
+    ShortBody {
+        /// Command type.
+        cmd: u32,
+        /// Bytes the command's struct needs, header included.
+        need: usize,
+        /// Bytes available.
+        got: usize,
+    },
+    /// Not a virtio-gpu command type.
+    #[error("unknown command type {0:#x}")]
+    UnknownCommand(u32),
+    /// A cursor command on the control queue or a control command on the cursor queue.
+    #[error("{} is not allowed on the {queue:?} queue", cmd_label(*.cmd))]
+    WrongQueue {
+        /// Command type.
+        cmd: u32,
+        /// The queue it arrived on.
+        queue: Queue,
+    },
+    /// A known command this device does not implement (yet).
+    #[error("{} is not supported", cmd_label(*.0))]
+    Unsupported(u32),
+    /// Not one of the 2D pixel formats.
+    #[error("unknown pixel format {0}")]
+    InvalidFormat(u32),
+    /// Resource id 0 where the command needs a real resource.
+    #[error("{} needs a non-zero resource id", cmd_label(*.cmd))]
+    ZeroResourceId {
+        /// Command type.
+        cmd: u32,
+    },
+    /// A resource with a zero width or height.
+    #[error("resource size {width}x{height} has a zero dimension")]
+    ZeroSize {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+    },
+    /// A rect whose right or bottom edge overflows u32.
+    #[error("rect at ({}, {}) of {}x{} overflows u32", .0.x, .0.y, .0.width, .0.height)]
+    RectOverflow(Rect),
+    /// A scanout id beyond what the protocol can describe.
+    #[error("scanout id {0} is not below {VIRTIO_GPU_MAX_SCANOUTS}")]
+    InvalidScanoutId(u32),
+    /// A transfer offset beyond the largest backing an attach could have created.
+    #[error("transfer offset {offset:#x} is beyond the largest possible backing ({max:#x} bytes)")]
+    BadOffset {
+        /// Requested offset.
+        offset: u64,
+        /// Largest possible backing size.
+        max: u64,
+    },
+    /// ATTACH_BACKING with more entries than allowed.
+    #[error("attach backing with {n} entries, at most {max} are allowed")]
+    TooManyEntries {
+        /// Entries claimed by the request.
+        n: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// ATTACH_BACKING with no entries.
+    #[error("attach backing without any memory entry")]
+    NoEntries,
+    /// ATTACH_BACKING whose bytes end before its entries do.
+    #[error("attach backing claims {n} entries ({need} bytes) but the request has {got} bytes")]
+    TruncatedEntries {
+        /// Entries claimed by the request.
+        n: u32,
+        /// Bytes those entries need, header included.
+        need: usize,
+        /// Bytes available.
+        got: usize,
+    },
+    /// A backing entry that is empty or wraps around the address space.
+    #[error("backing entry {index} (addr {addr:#x}, length {length}) is empty or wraps around")]
+    BadEntry {
+        /// Position of the entry in the request.
+        index: u32,
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        length: u32,
+    },
+}
+
+impl DecodeErrorKind {
+    /// The virtio-gpu error for this kind of failure.
+    pub fn error_code(&self) -> ErrorCode {
+        use DecodeErrorKind::*;
+        match self {
+            ShortHeader { .. }
+            | ShortBody { .. }
+            | UnknownCommand(_)
+            | WrongQueue { .. }
+            | Unsupported(_) => ErrorCode::Unspec,
+            ZeroResourceId { .. } => ErrorCode::InvalidResourceId,
+            InvalidScanoutId(_) => ErrorCode::InvalidScanoutId,
+            InvalidFormat(_)
+            | ZeroSize { .. }
+            | RectOverflow(_)
+            | BadOffset { .. }
+            | TooManyEntries { .. }
+            | NoEntries
+            | TruncatedEntries { .. }
+            | BadEntry { .. } => ErrorCode::InvalidParameter,
+        }
+    }
+}
+
+/// The spec's name of a command type, for messages.
+pub fn cmd_name(cmd: u32) -> Option<&'static str> {
+    Some(match cmd {
+        VIRTIO_GPU_CMD_GET_DISPLAY_INFO => "GET_DISPLAY_INFO",
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_2D => "RESOURCE_CREATE_2D",
+        VIRTIO_GPU_CMD_RESOURCE_UNREF => "RESOURCE_UNREF",
+        VIRTIO_GPU_CMD_SET_SCANOUT => "SET_SCANOUT",
+        VIRTIO_GPU_CMD_RESOURCE_FLUSH => "RESOURCE_FLUSH",
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D => "TRANSFER_TO_HOST_2D",
+        VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => "RESOURCE_ATTACH_BACKING",
+        VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => "RESOURCE_DETACH_BACKING",
+        VIRTIO_GPU_CMD_GET_CAPSET_INFO => "GET_CAPSET_INFO",
+        VIRTIO_GPU_CMD_GET_CAPSET => "GET_CAPSET",
+        VIRTIO_GPU_CMD_GET_EDID => "GET_EDID",
+        VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID => "RESOURCE_ASSIGN_UUID",
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => "RESOURCE_CREATE_BLOB",
+        VIRTIO_GPU_CMD_SET_SCANOUT_BLOB => "SET_SCANOUT_BLOB",
+        VIRTIO_GPU_CMD_CTX_CREATE => "CTX_CREATE",
+        VIRTIO_GPU_CMD_CTX_DESTROY => "CTX_DESTROY",
+        VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE => "CTX_ATTACH_RESOURCE",
+        VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE => "CTX_DETACH_RESOURCE",
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_3D => "RESOURCE_CREATE_3D",
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D => "TRANSFER_TO_HOST_3D",
+        VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => "TRANSFER_FROM_HOST_3D",
+        VIRTIO_GPU_CMD_SUBMIT_3D => "SUBMIT_3D",
+        VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => "RESOURCE_MAP_BLOB",
+        VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => "RESOURCE_UNMAP_BLOB",
+        VIRTIO_GPU_CMD_UPDATE_CURSOR => "UPDATE_CURSOR",
+        VIRTIO_GPU_CMD_MOVE_CURSOR => "MOVE_CURSOR",
+        _ => return None,
+    })
+}
+
+/// A printable label for any command type, known or not.
+fn cmd_label(cmd: u32) -> String {
+    match cmd_name(cmd) {
+        Some(n) => n.to_string(),
+        None => format!("command {cmd:#x}"),
+    }
+}
+
+/// How the decoder treats a command type.
+enum Class {
+    /// Decoded here; valid on the given queue.
+    Supported(Queue),
+    /// Known, valid on the control queue, not implemented.
+    Unsupported,
+}
+
+fn classify(cmd: u32) -> Option<Class> {
+    Some(match cmd {
+        VIRTIO_GPU_CMD_GET_DISPLAY_INFO
+        | VIRTIO_GPU_CMD_RESOURCE_CREATE_2D
+        | VIRTIO_GPU_CMD_RESOURCE_UNREF
+        | VIRTIO_GPU_CMD_SET_SCANOUT
+        | VIRTIO_GPU_CMD_RESOURCE_FLUSH
+        | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D
+        | VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING
+        | VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING
+        | VIRTIO_GPU_CMD_GET_EDID => Class::Supported(Queue::Control),
+        VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => {
+            Class::Supported(Queue::Cursor)
+        }
+        VIRTIO_GPU_CMD_GET_CAPSET_INFO
+        | VIRTIO_GPU_CMD_GET_CAPSET
+        | VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID
+        | VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB
+        | VIRTIO_GPU_CMD_SET_SCANOUT_BLOB
+        | VIRTIO_GPU_CMD_CTX_CREATE
+        | VIRTIO_GPU_CMD_CTX_DESTROY
+        | VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE
+        | VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE
+        | VIRTIO_GPU_CMD_RESOURCE_CREATE_3D
+        | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D
+        | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D
+        | VIRTIO_GPU_CMD_SUBMIT_3D
+        | VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB
+        | VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => Class::Unsupported,
+        _ => return None,
+    })
+}
+
+/// The struct size (header included) of a supported command.
+fn struct_size(cmd: u32) -> usize {
+    match cmd {
+        VIRTIO_GPU_CMD_GET_EDID => GET_EDID_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_2D => RESOURCE_CREATE_2D_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_UNREF => RESOURCE_UNREF_SIZE,
+        VIRTIO_GPU_CMD_SET_SCANOUT => SET_SCANOUT_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_FLUSH => RESOURCE_FLUSH_SIZE,
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D => TRANSFER_TO_HOST_2D_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => RESOURCE_ATTACH_BACKING_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => RESOURCE_DETACH_BACKING_SIZE,
+        VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => UPDATE_CURSOR_SIZE,
+        _ => CTRL_HDR_SIZE,
+    }
+}
+
+/// Field reader over a body whose length was checked against the struct size, so a
+/// failed read cannot happen; it still maps to `ShortBody` instead of panicking, in case
+/// a size constant and a field offset ever disagree.
+struct Fields<'a> {
+    b: &'a [u8],
+    cmd: u32,
+    need: usize,
+}
+
+impl Fields<'_> {
+    fn short(&self) -> DecodeErrorKind {
+        DecodeErrorKind::ShortBody {
+            cmd: self.cmd,
+            need: self.need,
+            got: self.b.len(),
+        }
+    }
+
+    fn u32(&self, off: usize) -> Result<u32, DecodeErrorKind> {
+        read_le_u32(self.b, off).ok_or_else(|| self.short())
+    }
+
+    fn u64(&self, off: usize) -> Result<u64, DecodeErrorKind> {
+        read_le_u64(self.b, off).ok_or_else(|| self.short())
+    }
+
+    fn rect(&self, off: usize) -> Result<Rect, DecodeErrorKind> {
+        let r = Rect::from_bytes_at(self.b, off).ok_or_else(|| self.short())?;
+        if r.checked_right().is_none() || r.checked_bottom().is_none() {
+            return Err(DecodeErrorKind::RectOverflow(r));
+        }
+        Ok(r)
+    }
+
+    fn resource_id(&self, off: usize) -> Result<u32, DecodeErrorKind> {
+        match self.u32(off)? {
+            0 => Err(DecodeErrorKind::ZeroResourceId { cmd: self.cmd }),
+            id => Ok(id),
+        }
+    }
+
+    fn scanout_id(&self, off: usize) -> Result<u32, DecodeErrorKind> {
+        match self.u32(off)? {
+            id if id >= VIRTIO_GPU_MAX_SCANOUTS => Err(DecodeErrorKind::InvalidScanoutId(id)),
+            id => Ok(id),
+        }
+    }
+
+    fn cursor_pos(&self) -> Result<CursorPos, DecodeErrorKind> {
+        let h = CTRL_HDR_SIZE;
+        Ok(CursorPos {
+            scanout_id: self.scanout_id(h)?,
+            x: self.u32(h + 4)?,
+            y: self.u32(h + 8)?,
+        })
+    }
+}
+
+/// Decodes and statically validates one request.
+///
+/// `bytes` are all the device-readable bytes of the descriptor chain, gathered in
+/// order. `max_backing_entries` bounds RESOURCE_ATTACH_BACKING's `nr_entries`; it is
+/// checked before anything is allocated, so a request can make the decoder allocate at
+/// most what its own bytes hold.
+pub fn decode(
+    queue: Queue,
+    bytes: &[u8],
+    max_backing_entries: u32,
+) -> Result<Request, DecodeError> {
+    let hdr = CtrlHeader::from_bytes(bytes).ok_or(DecodeError {
+        hdr: None,
+        kind: DecodeErrorKind::ShortHeader { len: bytes.len() },
+    })?;
+    decode_body(queue, hdr, bytes, max_backing_entries)
+        .map(|cmd| Request { hdr, cmd })
+        .map_err(|kind| DecodeError {
+            hdr: Some(hdr),
+            kind,
+        })
+}
+
+fn decode_body(
+    queue: Queue,
+    hdr: CtrlHeader,
+    b: &[u8],
+    max_backing_entries: u32,
+) -> Result<Command, DecodeErrorKind> {
+    use DecodeErrorKind as E;
+    let cmd = hdr.type_;
+    let class = classify(cmd).ok_or(E::UnknownCommand(cmd))?;
+    let home = match class {
+        Class::Supported(q) => q,
+        Class::Unsupported => Queue::Control,
+    };
+    if home != queue {
+        return Err(E::WrongQueue { cmd, queue });
+    }
+    if let Class::Unsupported = class {
+        return Err(E::Unsupported(cmd));
+    }
+    let need = struct_size(cmd);
+    if b.len() < need {
+        return Err(E::ShortBody {
+            cmd,
+            need,
+            got: b.len(),
+        });
+    }
+    let f = Fields { b, cmd, need };
+    let h = CTRL_HDR_SIZE;
+    Ok(match cmd {
+        VIRTIO_GPU_CMD_GET_DISPLAY_INFO => Command::GetDisplayInfo,
+        VIRTIO_GPU_CMD_GET_EDID => Command::GetEdid {
+            scanout_id: f.scanout_id(h)?,
+        },
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_2D => {
+            let resource_id = f.resource_id(h)?;
+            let raw_format = f.u32(h + 4)?;
+            let format = Format::from_u32(raw_format).ok_or(E::InvalidFormat(raw_format))?;
+            let (width, height) = (f.u32(h + 8)?, f.u32(h + 12)?);
+            if width == 0 || height == 0 {
+                return Err(E::ZeroSize { width, height });
+            }
+            Command::ResourceCreate2d {
+                resource_id,
+                format,
+                width,
+                height,
+            }
+        }
+        VIRTIO_GPU_CMD_RESOURCE_UNREF => Command::ResourceUnref {
+            resource_id: f.resource_id(h)?,
+        },
+        VIRTIO_GPU_CMD_SET_SCANOUT => {
+            let rect = f.rect(h)?;
+            // resource_id 0 is how the driver disables a scanout.
+            Command::SetScanout {
+                scanout_id: f.scanout_id(h + 16)?,
+                resource_id: f.u32(h + 20)?,
+                rect,
+            }
+        }
+        VIRTIO_GPU_CMD_RESOURCE_FLUSH => {
+            let rect = f.rect(h)?;
+            Command::ResourceFlush {
+                resource_id: f.resource_id(h + 16)?,
+                rect,
+            }
+        }
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D => {
+            let rect = f.rect(h)?;
+            let offset = f.u64(h + 16)?;
+            let resource_id = f.resource_id(h + 24)?;
+            // No backing can be longer than max entries of u32::MAX bytes each, so a
+            // larger offset can never be valid; (2^32-1)^2 fits in u64.
+            let max = u64::from(max_backing_entries) * u64::from(u32::MAX);
+            if offset > max {
+                return Err(E::BadOffset { offset, max });
+            }
+            Command::TransferToHost2d {
+                resource_id,
+                rect,
+                offset,
+            }
+        }
+        VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => {
+            let resource_id = f.resource_id(h)?;
+            let n = f.u32(h + 4)?;
+            Command::ResourceAttachBacking {
+                resource_id,
+                entries: decode_entries(b, n, max_backing_entries)?,
+            }
+        }
+        VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => Command::ResourceDetachBacking {
+            resource_id: f.resource_id(h)?,
+        },
+        VIRTIO_GPU_CMD_UPDATE_CURSOR => Command::UpdateCursor {
+            pos: f.cursor_pos()?,
+            // resource_id 0 hides the cursor.
+            resource_id: f.u32(h + 16)?,
+            hot_x: f.u32(h + 20)?,
+            hot_y: f.u32(h + 24)?,
+        },
+        VIRTIO_GPU_CMD_MOVE_CURSOR => Command::MoveCursor {
+            pos: f.cursor_pos()?,
+        },
+        // classify() and this match list the same supported commands.
+        _ => return Err(E::Unsupported(cmd)),
+    })
+}
+
+fn decode_entries(b: &[u8], n: u32, max: u32) -> Result<Vec<BackingEntry>, DecodeErrorKind> {
+    use DecodeErrorKind as E;
+    if n > max {
+        return Err(E::TooManyEntries { n, max });
+    }
+    if n == 0 {
+        return Err(E::NoEntries);
+    }
+    let truncated = |need| E::TruncatedEntries {
+        n,
+        need,
+        got: b.len(),
+    };
+    let need = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_mul(MEM_ENTRY_SIZE))
+        .and_then(|s| s.checked_add(RESOURCE_ATTACH_BACKING_SIZE))
+        .ok_or_else(|| truncated(usize::MAX))?;
+    let raw = b
+        .get(RESOURCE_ATTACH_BACKING_SIZE..need)
+        .ok_or_else(|| truncated(need))?;
+    // n is bounded by max and by the bytes actually present, so this allocation is too.
+    let mut entries = Vec::with_capacity(raw.len() / MEM_ENTRY_SIZE);
+    for (index, e) in (0u32..).zip(raw.chunks_exact(MEM_ENTRY_SIZE)) {
+        let (addr, length) = match (read_le_u64(e, 0), read_le_u32(e, 8)) {
+            (Some(a), Some(l)) => (a, l),
+            _ => return Err(truncated(need)),
+        };
+        if length == 0 || addr.checked_add(u64::from(length)).is_none() {
+            return Err(E::BadEntry {
+                index,
+                addr,
+                length,
+            });
+        }
+        entries.push(BackingEntry { addr, length });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u32 = 1024;
+
+    fn hdr(type_: u32) -> Vec<u8> {
+        CtrlHeader {
+            type_,
+            ..CtrlHeader::default()
+        }
+        .to_bytes()
+        .to_vec()
+    }
+
+    fn with(mut b: Vec<u8>, words: &[u32]) -> Vec<u8> {
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    fn ok(q: Queue, b: &[u8]) -> Command {
+        decode(q, b, MAX).expect("decodes").cmd
+    }
+
+    fn err(q: Queue, b: &[u8]) -> DecodeErrorKind {
+        decode(q, b, MAX).expect_err("rejected").kind
+    }
+
+    fn entry(addr: u64, len: u32) -> Vec<u8> {
+        let mut v = addr.to_le_bytes().to_vec();
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&0xdead_beefu32.to_le_bytes()); // padding, ignored
+        v
+    }
+
+    #[test]
+    fn header_fields_are_kept() {
+        let h = CtrlHeader {
+            type_: VIRTIO_GPU_CMD_GET_DISPLAY_INFO,
+            flags: VIRTIO_GPU_FLAG_FENCE,
+            fence_id: 42,
+            ctx_id: 3,
+            ring_idx: 1,
+        };
+        let r = decode(Queue::Control, &h.to_bytes(), MAX).unwrap();
+        assert_eq!(r.hdr, h);
+        assert_eq!(r.cmd, Command::GetDisplayInfo);
+    }
+
+    #[test]
+    fn get_edid() {
+        let b = with(hdr(VIRTIO_GPU_CMD_GET_EDID), &[3, 0]);
+        assert_eq!(ok(Queue::Control, &b), Command::GetEdid { scanout_id: 3 });
+        let b = with(hdr(VIRTIO_GPU_CMD_GET_EDID), &[16, 0]);
+        assert_eq!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::InvalidScanoutId(16)
+        );
+    }
+
+    #[test]
+    fn resource_create_2d() {
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D), &[5, 2, 640, 480]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceCreate2d {
+                resource_id: 5,
+                format: Format::B8G8R8X8Unorm,
+                width: 640,
+                height: 480
+            }
+        );
+        for f in Format::ALL {
+            let b = with(
+                hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D),
+                &[5, f.as_u32(), 1, 1],
+            );
+            assert!(matches!(
+                ok(Queue::Control, &b),
+                Command::ResourceCreate2d { format, .. } if format == f
+            ));
+        }
+    }
+
+    #[test]
+    fn resource_create_2d_rejects() {
+        let h = || hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D);
+        assert_eq!(
+            err(Queue::Control, &with(h(), &[0, 2, 640, 480])),
+            DecodeErrorKind::ZeroResourceId {
+                cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_2D
+            }
+        );
+        assert_eq!(
+            err(Queue::Control, &with(h(), &[1, 5, 640, 480])),
+            DecodeErrorKind::InvalidFormat(5)
+        );
+        assert_eq!(
+            err(Queue::Control, &with(h(), &[1, 2, 0, 480])),
+            DecodeErrorKind::ZeroSize {
+                width: 0,
+                height: 480
+            }
+        );
+        assert_eq!(
+            err(Queue::Control, &with(h(), &[1, 2, 640, 0])),
+            DecodeErrorKind::ZeroSize {
+                width: 640,
+                height: 0
+            }
+        );
+    }
+
+    #[test]
+    fn unref_and_detach() {
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_UNREF), &[7, 0]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceUnref { resource_id: 7 }
+        );
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING), &[8, 0]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceDetachBacking { resource_id: 8 }
+        );
+        for cmd in [
+            VIRTIO_GPU_CMD_RESOURCE_UNREF,
+            VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING,
+        ] {
+            let e = decode(Queue::Control, &with(hdr(cmd), &[0, 0]), MAX).unwrap_err();
+            assert_eq!(e.kind, DecodeErrorKind::ZeroResourceId { cmd });
+            assert_eq!(e.error_code(), ErrorCode::InvalidResourceId);
+        }
+    }
+
+    #[test]
+    fn set_scanout_allows_resource_zero() {
+        let b = with(hdr(VIRTIO_GPU_CMD_SET_SCANOUT), &[1, 2, 3, 4, 0, 9]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::SetScanout {
+                scanout_id: 0,
+                resource_id: 9,
+                rect: Rect {
+                    x: 1,
+                    y: 2,
+                    width: 3,
+                    height: 4
+                }
+            }
+        );
+        let disable = with(hdr(VIRTIO_GPU_CMD_SET_SCANOUT), &[0, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            ok(Queue::Control, &disable),
+            Command::SetScanout {
+                scanout_id: 1,
+                resource_id: 0,
+                rect: Rect::default()
+            }
+        );
+        let bad_scanout = with(hdr(VIRTIO_GPU_CMD_SET_SCANOUT), &[0, 0, 1, 1, 99, 1]);
+        let e = decode(Queue::Control, &bad_scanout, MAX).unwrap_err();
+        assert_eq!(e.kind, DecodeErrorKind::InvalidScanoutId(99));
+        assert_eq!(e.error_code(), ErrorCode::InvalidScanoutId);
+    }
+
+    #[test]
+    fn flush() {
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_FLUSH), &[0, 0, 64, 32, 4, 0]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceFlush {
+                resource_id: 4,
+                rect: Rect {
+                    x: 0,
+                    y: 0,
+                    width: 64,
+                    height: 32
+                }
+            }
+        );
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_FLUSH), &[0, 0, 64, 32, 0, 0]);
+        assert!(matches!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::ZeroResourceId { .. }
+        ));
+    }
+
+    #[test]
+    fn rect_overflow_is_rejected() {
+        for words in [
+            [u32::MAX, 0, 1, 1, 1, 0],
+            [1, 0, u32::MAX, 1, 1, 0],
+            [0, u32::MAX, 1, 1, 1, 0],
+            [0, 1, 1, u32::MAX, 1, 0],
+        ] {
+            for cmd in [VIRTIO_GPU_CMD_RESOURCE_FLUSH, VIRTIO_GPU_CMD_SET_SCANOUT] {
+                let e = decode(Queue::Control, &with(hdr(cmd), &words), MAX).unwrap_err();
+                assert!(matches!(e.kind, DecodeErrorKind::RectOverflow(_)), "{e}");
+                assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+            }
+        }
+        // The largest rect that does not overflow is fine.
+        let b = with(
+            hdr(VIRTIO_GPU_CMD_RESOURCE_FLUSH),
+            &[1, 1, u32::MAX - 1, u32::MAX - 1, 1, 0],
+        );
+        assert!(decode(Queue::Control, &b, MAX).is_ok());
+    }
+
+    #[test]
+    fn transfer_to_host_2d() {
+        let mut b = with(hdr(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D), &[2, 3, 10, 20]);
+        b.extend_from_slice(&4096u64.to_le_bytes());
+        let b = with(b, &[6, 0]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::TransferToHost2d {
+                resource_id: 6,
+                rect: Rect {
+                    x: 2,
+                    y: 3,
+                    width: 10,
+                    height: 20
+                },
+                offset: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn transfer_rejects() {
+        let build = |offset: u64, res: u32| {
+            let mut b = with(hdr(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D), &[0, 0, 1, 1]);
+            b.extend_from_slice(&offset.to_le_bytes());
+            with(b, &[res, 0])
+        };
+        assert!(matches!(
+            err(Queue::Control, &build(0, 0)),
+            DecodeErrorKind::ZeroResourceId { .. }
+        ));
+        let e = decode(Queue::Control, &build(u64::MAX, 1), 4).unwrap_err();
+        assert_eq!(
+            e.kind,
+            DecodeErrorKind::BadOffset {
+                offset: u64::MAX,
+                max: 4 * u64::from(u32::MAX)
+            }
+        );
+        assert!(decode(Queue::Control, &build(4 * u64::from(u32::MAX), 1), 4).is_ok());
+        // Even the largest allowed entry count cannot justify u64::MAX.
+        assert!(decode(Queue::Control, &build(u64::MAX, 1), u32::MAX).is_err());
+    }
+
+    #[test]
+    fn attach_backing() {
+        let mut b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING), &[3, 2]);
+        b.extend(entry(0x1000, 4096));
+        b.extend(entry(0x8000_0000, 8192));
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceAttachBacking {
+                resource_id: 3,
+                entries: vec![
+                    BackingEntry {
+                        addr: 0x1000,
+                        length: 4096
+                    },
+                    BackingEntry {
+                        addr: 0x8000_0000,
+                        length: 8192
+                    },
+                ]
+            }
+        );
+        // An entry ending exactly at the top of the address space does not wrap.
+        let mut b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING), &[3, 1]);
+        b.extend(entry(u64::MAX - 4095, 4095));
+        assert!(decode(Queue::Control, &b, MAX).is_ok());
+    }
+
+    #[test]
+    fn attach_backing_rejects() {
+        let h = |res, n| with(hdr(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING), &[res, n]);
+
+        // A huge count is refused before anything is read or allocated.
+        let e = decode(Queue::Control, &h(1, u32::MAX), MAX).unwrap_err();
+        assert_eq!(
+            e.kind,
+            DecodeErrorKind::TooManyEntries {
+                n: u32::MAX,
+                max: MAX
+            }
+        );
+        assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+
+        // Even with no limit, a count the bytes do not hold is refused.
+        let mut b = h(1, u32::MAX);
+        b.extend(entry(0x1000, 4096));
+        assert!(matches!(
+            decode(Queue::Control, &b, u32::MAX).unwrap_err().kind,
+            DecodeErrorKind::TruncatedEntries { n: u32::MAX, .. }
+        ));
+
+        let mut b = h(1, 2);
+        b.extend(entry(0x1000, 4096));
+        b.extend(&entry(0x2000, 4096)[..15]);
+        assert_eq!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::TruncatedEntries {
+                n: 2,
+                need: 64,
+                got: 63
+            }
+        );
+
+        assert_eq!(err(Queue::Control, &h(1, 0)), DecodeErrorKind::NoEntries);
+
+        let mut b = h(0, 1);
+        b.extend(entry(0x1000, 4096));
+        assert!(matches!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::ZeroResourceId { .. }
+        ));
+
+        let mut b = h(1, 2);
+        b.extend(entry(0x1000, 4096));
+        b.extend(entry(0x2000, 0));
+        assert_eq!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::BadEntry {
+                index: 1,
+                addr: 0x2000,
+                length: 0
+            }
+        );
+
+        let mut b = h(1, 1);
+        b.extend(entry(u64::MAX - 10, 4096));
+        assert!(matches!(
+            err(Queue::Control, &b),
+            DecodeErrorKind::BadEntry { index: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn cursor_commands() {
+        let b = with(
+            hdr(VIRTIO_GPU_CMD_UPDATE_CURSOR),
+            &[1, 100, 200, 0, 9, 3, 4, 0],
+        );
+        assert_eq!(
+            ok(Queue::Cursor, &b),
+            Command::UpdateCursor {
+                pos: CursorPos {
+                    scanout_id: 1,
+                    x: 100,
+                    y: 200
+                },
+                resource_id: 9,
+                hot_x: 3,
+                hot_y: 4
+            }
+        );
+        // Resource 0 hides the cursor.
+        let b = with(hdr(VIRTIO_GPU_CMD_UPDATE_CURSOR), &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            ok(Queue::Cursor, &b),
+            Command::UpdateCursor { resource_id: 0, .. }
+        ));
+        let b = with(hdr(VIRTIO_GPU_CMD_MOVE_CURSOR), &[0, 5, 6, 0, 77, 1, 1, 0]);
+        assert_eq!(
+            ok(Queue::Cursor, &b),
+            Command::MoveCursor {
+                pos: CursorPos {
+                    scanout_id: 0,
+                    x: 5,
+                    y: 6
+                }
+            }
+        );
+        let b = with(hdr(VIRTIO_GPU_CMD_MOVE_CURSOR), &[16, 5, 6, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            err(Queue::Cursor, &b),
+            DecodeErrorKind::InvalidScanoutId(16)
+        );
+    }
+
+    #[test]
+    fn wrong_queue() {
+        let cursor = with(hdr(VIRTIO_GPU_CMD_MOVE_CURSOR), &[0; 8]);
+        assert_eq!(
+            err(Queue::Control, &cursor),
+            DecodeErrorKind::WrongQueue {
+                cmd: VIRTIO_GPU_CMD_MOVE_CURSOR,
+                queue: Queue::Control
+            }
+        );
+        let ctrl = hdr(VIRTIO_GPU_CMD_GET_DISPLAY_INFO);
+        assert_eq!(
+            err(Queue::Cursor, &ctrl),
+            DecodeErrorKind::WrongQueue {
+                cmd: VIRTIO_GPU_CMD_GET_DISPLAY_INFO,
+                queue: Queue::Cursor
+            }
+        );
+        // Unsupported control commands are still control commands.
+        let e = err(Queue::Cursor, &hdr(VIRTIO_GPU_CMD_SUBMIT_3D));
+        assert!(matches!(e, DecodeErrorKind::WrongQueue { .. }));
+    }
+
+    #[test]
+    fn unknown_and_unsupported() {
+        for t in [0, 0x10e, 0x20a, 0x302, 0x1100, u32::MAX] {
+            let e = decode(Queue::Control, &hdr(t), MAX).unwrap_err();
+            assert_eq!(e.kind, DecodeErrorKind::UnknownCommand(t));
+            assert_eq!(e.error_code(), ErrorCode::Unspec);
+        }
+        for t in [
+            VIRTIO_GPU_CMD_GET_CAPSET_INFO,
+            VIRTIO_GPU_CMD_GET_CAPSET,
+            VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+            VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+            VIRTIO_GPU_CMD_CTX_CREATE,
+            VIRTIO_GPU_CMD_SUBMIT_3D,
+            VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+            VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+        ] {
+            let e = decode(Queue::Control, &with(hdr(t), &[0; 32]), MAX).unwrap_err();
+            assert_eq!(e.kind, DecodeErrorKind::Unsupported(t));
+            assert!(e.is_unsupported());
+            assert_eq!(e.error_code(), ErrorCode::Unspec);
+            assert!(e.to_string().contains("not supported"), "{e}");
+        }
+    }
+
+    #[test]
+    fn short_header_and_body() {
+        for len in 0..CTRL_HDR_SIZE {
+            let e = decode(Queue::Control, &vec![0u8; len], MAX).unwrap_err();
+            assert_eq!(e.kind, DecodeErrorKind::ShortHeader { len });
+            assert_eq!(e.header(), None);
+            assert_eq!(e.error_code(), ErrorCode::Unspec);
+        }
+        let full = with(hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D), &[1, 2, 3, 4]);
+        for len in CTRL_HDR_SIZE..full.len() {
+            let e = decode(Queue::Control, &full[..len], MAX).unwrap_err();
+            assert_eq!(
+                e.kind,
+                DecodeErrorKind::ShortBody {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+                    need: RESOURCE_CREATE_2D_SIZE,
+                    got: len
+                }
+            );
+            assert!(e.header().is_some());
+        }
+        let e = decode(Queue::Cursor, &hdr(VIRTIO_GPU_CMD_UPDATE_CURSOR), MAX).unwrap_err();
+        assert!(matches!(e.kind, DecodeErrorKind::ShortBody { .. }));
+    }
+
+    #[test]
+    fn trailing_bytes_are_ignored() {
+        let b = with(
+            hdr(VIRTIO_GPU_CMD_RESOURCE_UNREF),
+            &[7, 0, 0xffff_ffff, 1, 2],
+        );
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceUnref { resource_id: 7 }
+        );
+        let mut b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING), &[3, 1]);
+        b.extend(entry(0x1000, 4096));
+        b.extend(entry(0, 0)); // beyond nr_entries: not an entry
+        assert!(matches!(
+            ok(Queue::Control, &b),
+            Command::ResourceAttachBacking { entries, .. } if entries.len() == 1
+        ));
+    }
+
+    #[test]
+    fn error_keeps_header_for_fence_echo() {
+        let h = CtrlHeader {
+            type_: VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            flags: VIRTIO_GPU_FLAG_FENCE,
+            fence_id: 77,
+            ctx_id: 0,
+            ring_idx: 0,
+        };
+        let b = with(h.to_bytes().to_vec(), &[0, 2, 1, 1]);
+        let e = decode(Queue::Control, &b, MAX).unwrap_err();
+        assert_eq!(e.header(), Some(h));
+        let resp = encode_response(e.header().as_ref(), &Response::Err(e.error_code()));
+        let rh = CtrlHeader::from_bytes(&resp).unwrap();
+        assert_eq!(rh.type_, VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID);
+        assert_eq!(rh.fence_id, 77);
+        assert!(e.to_string().contains("RESOURCE_CREATE_2D"), "{e}");
+    }
+
+    #[test]
+    fn encode_decode_roundtrip() {
+        let reqs = [
+            Command::GetDisplayInfo,
+            Command::GetEdid { scanout_id: 15 },
+            Command::ResourceCreate2d {
+                resource_id: 1,
+                format: Format::R8G8B8A8Unorm,
+                width: 3,
+                height: 4,
+            },
+            Command::ResourceAttachBacking {
+                resource_id: 1,
+                entries: vec![BackingEntry {
+                    addr: 0x10_0000,
+                    length: 48,
+                }],
+            },
+            Command::MoveCursor {
+                pos: CursorPos {
+                    scanout_id: 2,
+                    x: 1,
+                    y: 1,
+                },
+            },
+        ];
+        for cmd in reqs {
+            let q = if cmd.is_cursor() {
+                Queue::Cursor
+            } else {
+                Queue::Control
+            };
+            let req = Request {
+                hdr: CtrlHeader {
+                    type_: cmd.cmd_type(),
+                    flags: VIRTIO_GPU_FLAG_FENCE,
+                    fence_id: 5,
+                    ..CtrlHeader::default()
+                },
+                cmd,
+            };
+            assert_eq!(decode(q, &req.encode(), MAX), Ok(req));
+        }
+    }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn known_type() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                0x100u32..=0x10e,
+                0x200u32..=0x20a,
+                0x300u32..=0x302,
+                any::<u32>()
+            ]
+        }
+
+        fn arb_rect() -> impl Strategy<Value = Rect> {
+            (0u32..10_000, 0u32..10_000, 0u32..10_000, 0u32..10_000).prop_map(
+                |(x, y, width, height)| Rect {
+                    x,
+                    y,
+                    width,
+                    height,
+                },
+            )
+        }
+
+        fn arb_valid_cmd() -> impl Strategy<Value = Command> {
+            let id = 1u32..;
+            let scanout = 0..VIRTIO_GPU_MAX_SCANOUTS;
+            let pos = (scanout.clone(), any::<u32>(), any::<u32>())
+                .prop_map(|(scanout_id, x, y)| CursorPos { scanout_id, x, y });
+            let entry = (0u64..u64::MAX / 2, 1u32..)
+                .prop_map(|(addr, length)| BackingEntry { addr, length });
+            prop_oneof![
+                Just(Command::GetDisplayInfo),
+                scanout
+                    .clone()
+                    .prop_map(|scanout_id| Command::GetEdid { scanout_id }),
+                (id.clone(), 0..8usize, 1u32.., 1u32..).prop_map(
+                    |(resource_id, f, width, height)| {
+                        Command::ResourceCreate2d {
+                            resource_id,
+                            format: Format::ALL[f],
+                            width,
+                            height,
+                        }
+                    }
+                ),
+                id.clone()
+                    .prop_map(|resource_id| Command::ResourceUnref { resource_id }),
+                (scanout, any::<u32>(), arb_rect()).prop_map(|(scanout_id, resource_id, rect)| {
+                    Command::SetScanout {
+                        scanout_id,
+                        resource_id,
+                        rect,
+                    }
+                }),
+                (id.clone(), arb_rect())
+                    .prop_map(|(resource_id, rect)| Command::ResourceFlush { resource_id, rect }),
+                // 64 entries of at most 4 GiB bound the offset at about 2^38.
+                (id.clone(), arb_rect(), 0u64..1 << 36).prop_map(|(resource_id, rect, offset)| {
+                    Command::TransferToHost2d {
+                        resource_id,
+                        rect,
+                        offset,
+                    }
+                }),
+                (id.clone(), prop::collection::vec(entry, 1..20)).prop_map(
+                    |(resource_id, entries)| Command::ResourceAttachBacking {
+                        resource_id,
+                        entries
+                    }
+                ),
+                id.prop_map(|resource_id| Command::ResourceDetachBacking { resource_id }),
+                (pos.clone(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                    |(pos, resource_id, hot_x, hot_y)| Command::UpdateCursor {
+                        pos,
+                        resource_id,
+                        hot_x,
+                        hot_y,
+                    }
+                ),
+                pos.prop_map(|pos| Command::MoveCursor { pos }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn never_panics_on_arbitrary_bytes(
+                bytes in prop::collection::vec(any::<u8>(), 0..512),
+                cursor in any::<bool>(),
+                max in prop_oneof![Just(0u32), Just(u32::MAX), 0u32..64],
+            ) {
+                let q = if cursor { Queue::Cursor } else { Queue::Control };
+                let r = decode(q, &bytes, max);
+                if let Err(e) = r {
+                    let _ = (e.to_string(), e.error_code());
+                    prop_assert_eq!(e.header().is_some(), bytes.len() >= CTRL_HDR_SIZE);
+                }
+            }
+
+            #[test]
+            fn never_panics_with_plausible_type(
+                t in known_type(),
+                n in prop_oneof![any::<u32>(), 0u32..8],
+                body in prop::collection::vec(any::<u8>(), 0..256),
+                cursor in any::<bool>(),
+            ) {
+                let mut b = hdr(t);
+                // Lay a plausible nr_entries where ATTACH_BACKING reads it.
+                b.extend_from_slice(&1u32.to_le_bytes());
+                b.extend_from_slice(&n.to_le_bytes());
+                b.extend_from_slice(&body);
+                let q = if cursor { Queue::Cursor } else { Queue::Control };
+                if let Ok(req) = decode(q, &b, 16) {
+                    prop_assert_eq!(req.cmd.cmd_type(), t);
+                    prop_assert_eq!(req.cmd.is_cursor(), cursor);
+                }
+            }
+
+            #[test]
+            fn valid_requests_roundtrip(cmd in arb_valid_cmd(), fence in any::<u64>()) {
+                let q = if cmd.is_cursor() { Queue::Cursor } else { Queue::Control };
+                let req = Request {
+                    hdr: CtrlHeader {
+                        type_: cmd.cmd_type(),
+                        flags: VIRTIO_GPU_FLAG_FENCE,
+                        fence_id: fence,
+                        ..CtrlHeader::default()
+                    },
+                    cmd,
+                };
+                prop_assert_eq!(decode(q, &req.encode(), 64), Ok(req));
+            }
+        }
+    }
+}

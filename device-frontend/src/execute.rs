@@ -1,0 +1,388 @@
+//! The executor: one decoded, statically valid command checked against the device state and
+//! carried out (answered here, or turned into renderer requests). Decoding lives in
+//! `decode.rs`; nothing here looks at raw guest bytes.
+
+use protocol::ipc::{FenceInfo, RendererOp, ReplyBody};
+use protocol::virtio_gpu::{Command, CursorPos, DisplayOne, ErrorCode, Rect, Request, Response};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
+
+use crate::control::{After, Control};
+use crate::display::CURSOR_BYTES;
+use crate::error::FrontendError;
+use crate::scanout::ScanoutBuffer;
+
+/// What executing a command decided: answer now (`Some`), wait for the renderer (`None`),
+/// or refuse with a guest-visible error.
+pub(crate) type Outcome = Result<Result<Option<Response>, ErrorCode>, FrontendError>;
+
+impl Control {
+    pub(crate) fn execute(&mut self, req: Request) -> Outcome {
+        let fence = req.hdr.is_fenced().then_some(FenceInfo {
+            fence_id: req.hdr.fence_id,
+            ctx_id: req.hdr.ctx_id,
+            ring_idx: req.hdr.ring_idx,
+        });
+        match req.cmd {
+            Command::GetDisplayInfo => Ok(Ok(Some(self.display_info()))),
+            Command::GetEdid { scanout_id } => Ok(self.edid(scanout_id).map(Some)),
+            Command::ResourceCreate2d {
+                resource_id,
+                format,
+                width,
+                height,
+            } => {
+                if let Err(code) = self.resources.create_2d(resource_id, format, width, height) {
+                    return Ok(Err(code));
+                }
+                let op = RendererOp::CreateResource2d {
+                    resource_id,
+                    format: format.as_u32(),
+                    width,
+                    height,
+                };
+                self.request(op, fence, After::Created { resource_id })?;
+                Ok(Ok(None))
+            }
+            Command::ResourceUnref { resource_id } => {
+                if let Err(code) = self.resources.remove(resource_id) {
+                    return Ok(Err(code));
+                }
+                for scanout_id in self.scanouts_showing(resource_id) {
+                    self.disable_scanout(scanout_id)?;
+                }
+                self.request(RendererOp::Unref { resource_id }, fence, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::ResourceAttachBacking {
+                resource_id,
+                entries,
+            } => {
+                if let Err(code) = self.resources.get(resource_id) {
+                    return Ok(Err(code));
+                }
+                if !self.backing_in_guest_memory(&entries) {
+                    log::warn!(
+                        "ATTACH_BACKING for resource {resource_id}: entry outside guest memory"
+                    );
+                    return Ok(Err(ErrorCode::InvalidParameter));
+                }
+                if let Err(code) = self.resources.attach_backing(resource_id, &entries) {
+                    return Ok(Err(code));
+                }
+                let op = RendererOp::AttachBacking {
+                    resource_id,
+                    entries,
+                };
+                self.request(op, fence, After::Attached { resource_id })?;
+                Ok(Ok(None))
+            }
+            Command::ResourceDetachBacking { resource_id } => {
+                if let Err(code) = self.resources.detach_backing(resource_id) {
+                    return Ok(Err(code));
+                }
+                self.request(
+                    RendererOp::DetachBacking { resource_id },
+                    fence,
+                    After::Nothing,
+                )?;
+                Ok(Ok(None))
+            }
+            Command::TransferToHost2d {
+                resource_id,
+                rect,
+                offset,
+            } => {
+                if let Err(code) = self.resources.check_transfer(resource_id, &rect, offset) {
+                    return Ok(Err(code));
+                }
+                let op = RendererOp::TransferToHost2d {
+                    resource_id,
+                    rect,
+                    offset,
+                };
+                self.request(op, fence, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::SetScanout {
+                scanout_id,
+                resource_id,
+                rect,
+            } => self.set_scanout(scanout_id, resource_id, rect, fence),
+            Command::ResourceFlush { resource_id, rect } => self.flush(resource_id, rect, fence),
+            Command::UpdateCursor {
+                pos,
+                resource_id,
+                hot_x,
+                hot_y,
+            } => self.update_cursor(pos, resource_id, (hot_x, hot_y), fence),
+            Command::MoveCursor { pos } => {
+                if let Some(d) = self.display.as_mut() {
+                    d.cursor_pos(pos.scanout_id, pos.x, pos.y, true);
+                }
+                Ok(Ok(Some(Response::OkNodata)))
+            }
+        }
+    }
+
+    fn display_info(&self) -> Response {
+        Response::OkDisplayInfo(
+            self.config
+                .outputs
+                .iter()
+                .map(|o| DisplayOne {
+                    rect: Rect {
+                        x: 0,
+                        y: 0,
+                        width: o.width,
+                        height: o.height,
+                    },
+                    enabled: true,
+                    flags: 0,
+                })
+                .collect(),
+        )
+    }
+
+    fn edid(&self, scanout_id: u32) -> Result<Response, ErrorCode> {
+        if !self.config.edid {
+            return Err(ErrorCode::Unspec);
+        }
+        let output = self
+            .config
+            .outputs
+            .get(scanout_id as usize)
+            .ok_or(ErrorCode::InvalidParameter)?;
+        Ok(Response::OkEdid(
+            crate::edid::edid_for(output.width, output.height, scanout_id).to_vec(),
+        ))
+    }
+
+    fn backing_in_guest_memory(&self, entries: &[protocol::ipc::BackingEntry]) -> bool {
+        let Some(mem) = self.mem.as_ref() else {
+            return false;
+        };
+        let mem = mem.memory();
+        entries
+            .iter()
+            .all(|e| mem.check_range(GuestAddress(e.addr), e.length as usize, Permissions::Read))
+    }
+
+    fn scanouts_showing(&self, resource_id: u32) -> Vec<u32> {
+        self.scanouts
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.resource_id == resource_id && s.is_enabled())
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    fn disable_scanout(&mut self, scanout_id: u32) -> Result<(), FrontendError> {
+        let Some(s) = self.scanouts.get_mut(scanout_id as usize) else {
+            return Ok(());
+        };
+        let was_enabled = s.is_enabled();
+        *s = Default::default();
+        if was_enabled {
+            self.request(
+                RendererOp::DisableScanout { scanout_id },
+                None,
+                After::Nothing,
+            )?;
+            if let Some(d) = self.display.as_mut() {
+                d.scanout(scanout_id, 0, 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_scanout(
+        &mut self,
+        scanout_id: u32,
+        resource_id: u32,
+        rect: Rect,
+        fence: Option<FenceInfo>,
+    ) -> Outcome {
+        if scanout_id as usize >= self.scanouts.len() {
+            return Ok(Err(ErrorCode::InvalidScanoutId));
+        }
+        if resource_id == 0 {
+            self.disable_scanout(scanout_id)?;
+            return Ok(Ok(Some(Response::OkNodata)));
+        }
+        let resource = match self.resources.check_rect(resource_id, &rect) {
+            Ok(r) => r.clone(),
+            Err(code) => return Ok(Err(code)),
+        };
+        if rect.is_empty() {
+            return Ok(Err(ErrorCode::InvalidParameter));
+        }
+        let stride = resource.width * 4;
+        let s = &self.scanouts[scanout_id as usize];
+        let reuse =
+            s.resource_id == resource_id && s.buffer.as_ref().is_some_and(|b| b.stride() == stride);
+        if !reuse {
+            let buffer = match ScanoutBuffer::new(stride, resource.height) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::warn!("scanout {scanout_id}: buffer allocation failed: {e}");
+                    return Ok(Err(ErrorCode::OutOfMemory));
+                }
+            };
+            let fds = self.link.send_fds(&[buffer.fd()])?;
+            let op = RendererOp::SetScanoutBuffer {
+                scanout_id,
+                resource_id,
+                size: buffer.len() as u64,
+                stride,
+                fds,
+            };
+            self.scanouts[scanout_id as usize].buffer = Some(buffer);
+            self.request(op, None, After::Nothing)?;
+        }
+        let s = &mut self.scanouts[scanout_id as usize];
+        s.resource_id = resource_id;
+        s.rect = rect;
+        s.format = resource.format;
+        self.request(
+            RendererOp::FlushToScanout { scanout_id, rect },
+            fence,
+            After::ScanoutShown { scanout_id },
+        )?;
+        Ok(Ok(None))
+    }
+
+    fn flush(&mut self, resource_id: u32, rect: Rect, fence: Option<FenceInfo>) -> Outcome {
+        if let Err(code) = self.resources.check_rect(resource_id, &rect) {
+            return Ok(Err(code));
+        }
+        let targets: Vec<(u32, Rect)> = self
+            .scanouts_showing(resource_id)
+            .into_iter()
+            .filter_map(|id| {
+                let s = &self.scanouts[id as usize];
+                s.rect.intersect(&rect).map(|r| (id, r))
+            })
+            .collect();
+        let last = targets.len().saturating_sub(1);
+        for (i, (scanout_id, damage)) in targets.iter().copied().enumerate() {
+            self.request(
+                RendererOp::FlushToScanout {
+                    scanout_id,
+                    rect: damage,
+                },
+                if i == last { fence } else { None },
+                After::Flushed {
+                    scanout_id,
+                    rect: damage,
+                },
+            )?;
+        }
+        if targets.is_empty() {
+            return Ok(Ok(Some(Response::OkNodata)));
+        }
+        Ok(Ok(None))
+    }
+
+    fn update_cursor(
+        &mut self,
+        pos: CursorPos,
+        resource_id: u32,
+        hot: (u32, u32),
+        fence: Option<FenceInfo>,
+    ) -> Outcome {
+        if resource_id == 0 {
+            if let Some(d) = self.display.as_mut() {
+                d.cursor_pos(pos.scanout_id, pos.x, pos.y, false);
+            }
+            return Ok(Ok(Some(Response::OkNodata)));
+        }
+        let format = match self.resources.get(resource_id) {
+            Ok(r) => r.format,
+            Err(code) => return Ok(Err(code)),
+        };
+        self.request(
+            RendererOp::ReadCursor { resource_id },
+            fence,
+            After::Cursor {
+                format,
+                pos: (pos.scanout_id, pos.x, pos.y),
+                hot,
+            },
+        )?;
+        Ok(Ok(None))
+    }
+
+    /// Acts on a successful renderer reply; an Err is the guest-visible error to report.
+    pub(crate) fn after_ok(&mut self, after: After, body: ReplyBody) -> Result<(), ErrorCode> {
+        match after {
+            After::Nothing | After::Created { .. } | After::Attached { .. } => Ok(()),
+            After::ScanoutShown { scanout_id } => {
+                let Some(s) = self.scanouts.get(scanout_id as usize) else {
+                    return Ok(());
+                };
+                let rect = s.rect;
+                if let Some(d) = self.display.as_mut() {
+                    d.scanout(scanout_id, rect.width, rect.height);
+                }
+                self.send_update(scanout_id, rect);
+                Ok(())
+            }
+            After::Flushed { scanout_id, rect } => {
+                self.send_update(scanout_id, rect);
+                Ok(())
+            }
+            After::Cursor { format, pos, hot } => {
+                let ReplyBody::CursorImage(pixels) = body else {
+                    log::warn!("renderer answered a cursor read without pixels");
+                    return Err(ErrorCode::Unspec);
+                };
+                if pixels.len() != CURSOR_BYTES {
+                    log::warn!("renderer sent a {}-byte cursor image", pixels.len());
+                    return Err(ErrorCode::Unspec);
+                }
+                let mut bgra = vec![0u8; CURSOR_BYTES];
+                format.convert_row_to_bgrx(&pixels, &mut bgra);
+                if let Some(d) = self.display.as_mut() {
+                    d.cursor_update(pos, hot, &bgra);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Undoes the optimistic state change of a request the renderer refused.
+    pub(crate) fn after_err(&mut self, after: After) {
+        match after {
+            After::Created { resource_id } => {
+                let _ = self.resources.remove(resource_id);
+            }
+            After::Attached { resource_id } => {
+                let _ = self.resources.detach_backing(resource_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends `rect` (resource coordinates, inside the scanout) of a scanout's buffer.
+    fn send_update(&mut self, scanout_id: u32, rect: Rect) {
+        let Some(s) = self.scanouts.get(scanout_id as usize) else {
+            return;
+        };
+        let (Some(buffer), Some(display)) = (s.buffer.as_ref(), self.display.as_mut()) else {
+            return;
+        };
+        let Some(pixels) = buffer.read_bgrx(s.format, &rect) else {
+            log::warn!("scanout {scanout_id}: damage {rect:?} outside its buffer");
+            return;
+        };
+        let on_screen = Rect {
+            x: rect.x - s.rect.x,
+            y: rect.y - s.rect.y,
+            width: rect.width,
+            height: rect.height,
+        };
+        display.update(scanout_id, &on_screen, &pixels);
+        self.stats.updates += 1;
+        self.stats.update_bytes += pixels.len() as u64;
+    }
+}

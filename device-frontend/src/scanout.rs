@@ -1,0 +1,232 @@
+//! Scanouts and their pixel buffers.
+//!
+//! Pixels go renderer -> frontend through one shared memfd per scanout, never inside IPC
+//! messages. The frontend creates the memfd, sizes it and seals it against shrinking and
+//! growing before the renderer sees it: a renderer (less trusted) that could truncate the
+//! file would make the frontend's reads fault with SIGBUS. The frontend maps it read-only.
+
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::unistd::ftruncate;
+use protocol::virtio_gpu::{Format, Rect};
+
+/// A sealed memfd holding one resource's pixels at resource coordinates.
+#[derive(Debug)]
+pub struct ScanoutBuffer {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+    stride: u32,
+}
+
+// SAFETY: the mapping is owned by this value and only read through `&self`; the renderer
+// writes it concurrently from another process, which no Rust reference can observe torn
+// in a way that matters (we copy bytes, never interpret them as anything but pixels).
+unsafe impl Send for ScanoutBuffer {}
+
+impl ScanoutBuffer {
+    /// Creates a sealed buffer of `stride * height` bytes.
+    pub fn new(stride: u32, height: u32) -> nix::Result<Self> {
+        let len = u64::from(stride) * u64::from(height);
+        let len_usize = usize::try_from(len).map_err(|_| nix::Error::EOVERFLOW)?;
+        let nz = NonZeroUsize::new(len_usize).ok_or(nix::Error::EINVAL)?;
+        let fd = memfd_create(
+            c"vgpu-scanout",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        ftruncate(&fd, i64::try_from(len).map_err(|_| nix::Error::EOVERFLOW)?)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
+        // SAFETY: a fresh shared read-only mapping of a file we own, sized to the file;
+        // the seals guarantee the file keeps that size for the mapping's lifetime.
+        let ptr = unsafe { mmap(None, nz, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, &fd, 0)? };
+        Ok(ScanoutBuffer {
+            fd,
+            ptr: ptr.cast(),
+            len: len_usize,
+            stride,
+        })
+    }
+
+    /// The memfd, to hand to the renderer on the descriptor lane.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty (never, by construction).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes per row.
+    pub fn stride(&self) -> u32 {
+        self.stride
+    }
+
+    /// Copies `rect` (resource coordinates) out of the buffer as BGRX rows, converting from
+    /// `format`. Returns None when `rect` does not fit the buffer.
+    pub fn read_bgrx(&self, format: Format, rect: &Rect) -> Option<Vec<u8>> {
+        let row_bytes = usize::try_from(rect.width).ok()?.checked_mul(4)?;
+        let stride = self.stride as usize;
+        let x_bytes = (rect.x as usize).checked_mul(4)?;
+        if x_bytes.checked_add(row_bytes)? > stride {
+            return None;
+        }
+        let last = (rect.y as usize)
+            .checked_add(rect.height as usize)?
+            .checked_mul(stride)?;
+        if last > self.len {
+            return None;
+        }
+        let mut out = vec![0u8; row_bytes * rect.height as usize];
+        let mut row = vec![0u8; row_bytes];
+        for (i, dst) in out.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+            let start = (rect.y as usize + i) * stride + x_bytes;
+            // SAFETY: start + row_bytes <= len was checked above; the mapping is alive for
+            // &self and sealed against shrinking, so the source bytes are readable.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.ptr.as_ptr().add(start),
+                    row.as_mut_ptr(),
+                    row_bytes,
+                );
+            }
+            format.convert_row_to_bgrx(&row, dst);
+        }
+        Some(out)
+    }
+}
+
+impl Drop for ScanoutBuffer {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping created in `new`, unmapped only here.
+        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            log::warn!("munmap of a scanout buffer failed: {e}");
+        }
+    }
+}
+
+/// What one scanout shows.
+#[derive(Debug)]
+pub struct Scanout {
+    /// The resource shown, 0 when disabled.
+    pub resource_id: u32,
+    /// The shown resource's format, for converting its pixels.
+    pub format: Format,
+    /// The part of the resource shown.
+    pub rect: Rect,
+    /// The pixel buffer shared with the renderer (present while enabled).
+    pub buffer: Option<ScanoutBuffer>,
+}
+
+impl Default for Scanout {
+    fn default() -> Self {
+        Scanout {
+            resource_id: 0,
+            format: Format::B8G8R8X8Unorm,
+            rect: Rect::default(),
+            buffer: None,
+        }
+    }
+}
+
+impl Scanout {
+    /// Whether the scanout shows a resource.
+    pub fn is_enabled(&self) -> bool {
+        self.resource_id != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_is_sealed_and_reads_convert() {
+        let buf = ScanoutBuffer::new(16, 4).unwrap();
+        assert_eq!(buf.len(), 64);
+        let seals = fcntl(buf.fd(), FcntlArg::F_GET_SEALS).unwrap();
+        let want = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        assert_eq!(seals & want.bits(), want.bits());
+        assert!(ftruncate(buf.fd(), 8).is_err(), "shrinking must be refused");
+        // Write through a second mapping, as the renderer would.
+        let writer = ScanoutWriter::map(buf.fd(), 64);
+        for (i, b) in writer.bytes().iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let rect = Rect {
+            x: 1,
+            y: 2,
+            width: 2,
+            height: 1,
+        };
+        let got = buf.read_bgrx(Format::B8G8R8X8Unorm, &rect).unwrap();
+        assert_eq!(got, (36u8..44).collect::<Vec<_>>());
+        let outside = Rect {
+            x: 3,
+            y: 0,
+            width: 2,
+            height: 1,
+        };
+        assert!(buf.read_bgrx(Format::B8G8R8X8Unorm, &outside).is_none());
+        let below = Rect {
+            x: 0,
+            y: 4,
+            width: 1,
+            height: 1,
+        };
+        assert!(buf.read_bgrx(Format::B8G8R8X8Unorm, &below).is_none());
+    }
+
+    struct ScanoutWriter {
+        ptr: NonNull<u8>,
+        len: usize,
+    }
+
+    impl ScanoutWriter {
+        fn map(fd: BorrowedFd<'_>, len: usize) -> Self {
+            // SAFETY: shared RW mapping of a sealed memfd of at least `len` bytes.
+            let ptr = unsafe {
+                mmap(
+                    None,
+                    NonZeroUsize::new(len).unwrap(),
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                    fd,
+                    0,
+                )
+                .unwrap()
+            };
+            ScanoutWriter {
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+
+        fn bytes(&self) -> &mut [u8] {
+            // SAFETY: the mapping is live for self and only this test touches it.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl Drop for ScanoutWriter {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `map`.
+            unsafe { munmap(self.ptr.cast(), self.len).unwrap() };
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Seccomp filters per role: building ([`filter_for`]) and installing ([`install_seccomp`]).
+//!
+//! A filter is one BPF program: a short prefix that makes the syscalls of
+//! [`common::ERRNO_SYSCALLS`] fail with an errno (clone3 → `ENOSYS`), followed by
+//! seccompiler's allowlist program whose default action is the [`ViolationAction`].
+
+mod common;
+mod frontend;
+pub(crate) mod permit;
+mod renderer;
+
+use std::collections::BTreeMap;
+
+use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+use crate::{trap, PolicyError, Role, ViolationAction};
+use permit::Permit;
+
+/// The permits of `role` for the process `pid`.
+pub(crate) fn permits(role: Role, pid: u32) -> Vec<Permit> {
+    match role {
+        Role::Frontend => frontend::permits(pid),
+        Role::Renderer => renderer::permits(pid),
+    }
+}
+
+/// The names of the syscalls `role` may make, in allowlist order. Some are allowed only
+/// with certain arguments (see `src/seccomp/common.rs`); `clone3` is not listed, it fails
+/// with `ENOSYS`.
+pub fn allowed_syscalls(role: Role) -> Vec<&'static str> {
+    permits(role, std::process::id())
+        .into_iter()
+        .map(|permit| permit.name)
+        .collect()
+}
+
+/// Builds the BPF program of `role` for the calling process, with `action` for every
+/// syscall outside the allowlist.
+///
+/// The program is only meant for the process that builds it: `tgkill` is allowed for the
+/// caller's own pid only.
+pub fn filter_for(role: Role, action: ViolationAction) -> Result<BpfProgram, PolicyError> {
+    build(role, action, std::process::id())
+}
+
+/// Installs `role`'s filter on every thread of the calling process (`SECCOMP_FILTER_FLAG_TSYNC`),
+/// with `action` for violations. With [`ViolationAction::Trap`] the SIGSYS handler is
+/// installed first. Also sets `PR_SET_NO_NEW_PRIVS` (required for an unprivileged filter).
+///
+/// Call it after set-up and before the first untrusted byte is read. Afterwards no file can
+/// be opened, no process started and no signal handler changed.
+pub fn install_seccomp(role: Role, action: ViolationAction) -> Result<(), PolicyError> {
+    let program = filter_for(role, action)?;
+    if action == ViolationAction::Trap {
+        trap::install_sigsys_handler(role)?;
+    }
+    seccompiler::apply_filter_all_threads(&program).map_err(|source| {
+        PolicyError::InstallFilter {
+            role: role.name(),
+            source,
+        }
+    })?;
+    log::info!(
+        "{}: seccomp filter installed ({} instructions, violations: {:?})",
+        role.name(),
+        program.len(),
+        action
+    );
+    Ok(())
+}
+
+fn build(role: Role, action: ViolationAction, pid: u32) -> Result<BpfProgram, PolicyError> {
+    let err = |source| PolicyError::BuildFilter {
+        role: role.name(),
+        source,
+    };
+    let mut rules = BTreeMap::new();
+    for permit in permits(role, pid) {
+        let previous = rules.insert(permit.nr, permit.rules().map_err(err)?);
+        debug_assert!(previous.is_none(), "{} is listed twice", permit.name);
+    }
+    let mismatch = match action {
+        ViolationAction::Kill => SeccompAction::KillProcess,
+        ViolationAction::Trap => SeccompAction::Trap,
+    };
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(err)?;
+    let allowlist: BpfProgram = filter.try_into().map_err(err)?;
+    let mut program = errno_prefix(common::ERRNO_SYSCALLS);
+    program.extend(allowlist);
+    Ok(program)
+}
+
+// Classic BPF opcodes (linux/filter.h) and seccomp_data offsets (linux/seccomp.h).
+/// `BPF_LD | BPF_W | BPF_ABS` (0x00 | 0x00 | 0x20).
+const BPF_LD_W_ABS: u16 = 0x20;
+/// `BPF_JMP | BPF_JEQ | BPF_K` (0x05 | 0x10 | 0x00).
+const BPF_JMP_JEQ_K: u16 = 0x15;
+/// `BPF_RET | BPF_K` (0x06 | 0x00).
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_DATA_ARCH: u32 = 4;
+/// `AUDIT_ARCH_X86_64`: `EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE`.
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// The instructions that answer each of `errnos`' syscalls with its errno. Any other call
+/// (and any call from another architecture, which the allowlist that follows rejects) falls
+/// through to the next instruction after the prefix.
+fn errno_prefix(errnos: &[(permit::Sys, i32)]) -> BpfProgram {
+    let mut prefix = vec![
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
+        // Wrong arch: skip the number load and the pairs below.
+        jump(
+            BPF_JMP_JEQ_K,
+            AUDIT_ARCH_X86_64,
+            0,
+            u8::try_from(1 + 2 * errnos.len()).expect("errno prefix too long"),
+        ),
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
+    ];
+    for (sys, errno) in errnos {
+        let nr = u32::try_from(sys.nr).expect("syscall numbers are small");
+        prefix.push(jump(BPF_JMP_JEQ_K, nr, 0, 1));
+        let errno = u32::try_from(*errno).expect("errnos are small");
+        prefix.push(stmt(BPF_RET_K, u32::from(SeccompAction::Errno(errno))));
+    }
+    prefix
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLES: [Role; 2] = [Role::Frontend, Role::Renderer];
+
+    #[test]
+    fn filters_build_for_every_role_and_action() {
+        for role in ROLES {
+            for action in [ViolationAction::Kill, ViolationAction::Trap] {
+                let program = filter_for(role, action).unwrap();
+                assert!(program.len() < 4096, "{role:?}: {}", program.len());
+            }
+        }
+    }
+
+    #[test]
+    fn no_syscall_is_listed_twice() {
+        for role in ROLES {
+            let mut names = allowed_syscalls(role);
+            let count = names.len();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), count, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn dangerous_syscalls_are_absent() {
+        let forbidden = [
+            "open",
+            "openat",
+            "openat2",
+            "creat",
+            "socket",
+            "connect",
+            "bind",
+            "listen",
+            "execve",
+            "execveat",
+            "fork",
+            "vfork",
+            "clone3",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "kill",
+            "tkill",
+            "rt_sigaction",
+            "rt_sigqueueinfo",
+            "rt_tgsigqueueinfo",
+            "setsockopt",
+            "prlimit64",
+            "unshare",
+            "setns",
+            "bpf",
+            "perf_event_open",
+            "io_uring_setup",
+            "userfaultfd",
+            "mount",
+            "seccomp",
+            "pidfd_open",
+            "pidfd_getfd",
+        ];
+        for role in ROLES {
+            let allowed = allowed_syscalls(role);
+            for name in forbidden {
+                assert!(!allowed.contains(&name), "{role:?} allows {name}");
+            }
+        }
+        assert!(!allowed_syscalls(Role::Renderer).contains(&"ioctl"));
+        assert!(!allowed_syscalls(Role::Renderer).contains(&"accept4"));
+    }
+
+    #[test]
+    fn role_specific_entries() {
+        let frontend = allowed_syscalls(Role::Frontend);
+        assert!(frontend.contains(&"accept4"));
+        assert!(frontend.contains(&"memfd_create"));
+        let renderer = allowed_syscalls(Role::Renderer);
+        assert!(renderer.contains(&"mmap"));
+    }
+
+    #[test]
+    fn prefix_answers_clone3_with_enosys() {
+        let program = filter_for(Role::Renderer, ViolationAction::Kill).unwrap();
+        let enosys = u32::from(SeccompAction::Errno(libc::ENOSYS as u32));
+        assert_eq!(program[0], stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH));
+        assert_eq!(program[1], jump(BPF_JMP_JEQ_K, AUDIT_ARCH_X86_64, 0, 3));
+        assert_eq!(program[2], stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR));
+        assert_eq!(
+            program[3],
+            jump(BPF_JMP_JEQ_K, libc::SYS_clone3 as u32, 0, 1)
+        );
+        assert_eq!(program[4], stmt(BPF_RET_K, enosys));
+    }
+}

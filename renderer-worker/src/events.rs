@@ -1,0 +1,54 @@
+//! The sending side of the events channel, shared by the executor (replies) and the
+//! renderer's fence callback (fence completions), which may run on another thread.
+
+use std::sync::{Arc, Mutex};
+
+use ipc_channel::ipc::IpcSender;
+use protocol::ipc::{FenceInfo, RendererEvent};
+
+/// A cloneable, thread-safe handle on the events channel to the frontend.
+///
+/// The mutex also serialises the two writers, so a reply sent before a fence is created
+/// is on the channel before that fence's completion.
+#[derive(Clone, Debug)]
+pub struct EventSink {
+    sender: Arc<Mutex<IpcSender<RendererEvent>>>,
+}
+
+/// The frontend is gone: the events channel could not take a message.
+#[derive(Debug, thiserror::Error)]
+#[error("events channel to the frontend failed: {0}")]
+pub struct SinkClosed(pub String);
+
+impl EventSink {
+    /// Wraps the events sender.
+    pub fn new(sender: IpcSender<RendererEvent>) -> Self {
+        EventSink {
+            sender: Arc::new(Mutex::new(sender)),
+        }
+    }
+
+    /// Sends one event.
+    pub fn send(&self, event: RendererEvent) -> Result<(), SinkClosed> {
+        // A poisoned lock only means another sender panicked mid-send; the sender itself
+        // holds no invariant we could break, so keep using it.
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        sender.send(event).map_err(|e| SinkClosed(e.to_string()))
+    }
+
+    /// A fence callback for a renderer backend: reports each completed fence.
+    pub fn fence_callback(&self) -> impl Fn(FenceInfo) + Send + Sync + 'static {
+        let sink = self.clone();
+        move |fence| {
+            log::debug!(
+                "fence {} (ctx {}, ring {}) signalled",
+                fence.fence_id,
+                fence.ctx_id,
+                fence.ring_idx
+            );
+            if let Err(e) = sink.send(RendererEvent::FenceSignaled(fence)) {
+                log::warn!("fence {} lost: {e}", fence.fence_id);
+            }
+        }
+    }
+}

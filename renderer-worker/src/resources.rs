@@ -1,0 +1,153 @@
+//! The executor's own ledger of live resources, which enforces the per-VM limits
+//! (count, dimensions, total bytes) independently of whatever the frontend checked.
+
+use std::collections::BTreeMap;
+
+use protocol::config::Limits;
+use protocol::ipc::RenderError;
+
+use crate::geometry::packed_size;
+
+/// What the ledger knows of one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceInfo {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Host bytes it accounts for.
+    pub bytes: u64,
+}
+
+/// Live resources and the bytes they hold.
+#[derive(Debug)]
+pub struct ResourceLedger {
+    limits: Limits,
+    resources: BTreeMap<u32, ResourceInfo>,
+    total_bytes: u64,
+}
+
+impl ResourceLedger {
+    /// An empty ledger enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        ResourceLedger {
+            limits,
+            resources: BTreeMap::new(),
+            total_bytes: 0,
+        }
+    }
+
+    /// Checks that a `width` x `height` resource `resource_id` may be created, without
+    /// recording it (call [`ResourceLedger::insert`] once the renderer created it).
+    pub fn admit(
+        &self,
+        resource_id: u32,
+        width: u32,
+        height: u32,
+    ) -> Result<ResourceInfo, RenderError> {
+        if resource_id == 0 || self.resources.contains_key(&resource_id) {
+            return Err(RenderError::InvalidResource(resource_id));
+        }
+        let max = self.limits.max_dimension;
+        if width == 0 || height == 0 || width > max || height > max {
+            return Err(RenderError::InvalidParameter(format!(
+                "size {width}x{height} (at most {max} per side)"
+            )));
+        }
+        if self.resources.len() >= self.limits.max_resources as usize {
+            return Err(RenderError::OutOfMemory(format!(
+                "{} resources already",
+                self.resources.len()
+            )));
+        }
+        let bytes = packed_size(width, height)
+            .filter(|b| {
+                self.total_bytes
+                    .checked_add(*b)
+                    .is_some_and(|t| t <= self.limits.max_resource_bytes)
+            })
+            .ok_or_else(|| {
+                RenderError::OutOfMemory(format!(
+                    "{width}x{height} exceeds the resource memory limit ({} of {} bytes used)",
+                    self.total_bytes, self.limits.max_resource_bytes
+                ))
+            })?;
+        Ok(ResourceInfo {
+            width,
+            height,
+            bytes,
+        })
+    }
+
+    /// Records a resource that [`ResourceLedger::admit`] accepted.
+    pub fn insert(&mut self, resource_id: u32, info: ResourceInfo) {
+        self.total_bytes += info.bytes;
+        self.resources.insert(resource_id, info);
+    }
+
+    /// Forgets a resource, releasing its bytes.
+    pub fn remove(&mut self, resource_id: u32) -> Option<ResourceInfo> {
+        let info = self.resources.remove(&resource_id)?;
+        self.total_bytes -= info.bytes;
+        Some(info)
+    }
+
+    /// Looks a resource up.
+    pub fn get(&self, resource_id: u32) -> Result<ResourceInfo, RenderError> {
+        self.resources
+            .get(&resource_id)
+            .copied()
+            .ok_or(RenderError::InvalidResource(resource_id))
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.resources.clear();
+        self.total_bytes = 0;
+    }
+
+    /// Bytes all live resources account for.
+    #[cfg(test)]
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            max_resources: 2,
+            max_resource_bytes: 1000,
+            max_dimension: 16,
+            max_backing_entries: 4,
+        };
+        let mut ledger = ResourceLedger::new(limits);
+        assert!(ledger.admit(0, 1, 1).is_err());
+        assert!(ledger.admit(1, 17, 1).is_err());
+        assert!(ledger.admit(1, 1, 0).is_err());
+        let a = ledger.admit(1, 10, 10).unwrap();
+        assert_eq!(a.bytes, 400);
+        ledger.insert(1, a);
+        assert_eq!(ledger.admit(1, 1, 1), Err(RenderError::InvalidResource(1)));
+        assert!(matches!(
+            ledger.admit(2, 16, 16),
+            Err(RenderError::OutOfMemory(_))
+        ));
+        let b = ledger.admit(2, 15, 10).unwrap();
+        ledger.insert(2, b);
+        assert_eq!(ledger.total_bytes(), 1000);
+        assert!(matches!(
+            ledger.admit(3, 1, 1),
+            Err(RenderError::OutOfMemory(_))
+        ));
+        ledger.remove(1);
+        assert_eq!(ledger.total_bytes(), 600);
+        ledger.clear();
+        assert_eq!(ledger.total_bytes(), 0);
+        assert!(ledger.get(2).is_err());
+    }
+}
