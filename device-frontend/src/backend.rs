@@ -89,7 +89,11 @@ impl VhostUserBackend for GpuDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        // RESET_DEVICE: a guest reset must drop resources, and only this message tells a
+        // virtio reset apart from the VMM merely stopping the rings (a paused VM).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {

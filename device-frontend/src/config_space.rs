@@ -61,7 +61,7 @@ mod tests {
             [1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
         );
         assert_eq!(c.read(8, 4), [2, 0, 0, 0]);
-        assert_eq!(c.read(14, 8), [0, 0]);
+        assert_eq!(c.read(14, 8), [0; 8]);
         assert_eq!(c.read(u32::MAX, 4), [0, 0, 0, 0]);
         assert!(c.write(4, &1u32.to_le_bytes()));
         assert_eq!(c.events_read, 0);

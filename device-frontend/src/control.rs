@@ -246,6 +246,11 @@ impl Control {
             *s = Scanout::default();
         }
         self.request(RendererOp::Reset, None, After::Nothing)?;
+        // A virtio reset does not change the vhost-user memory table, but the renderer's
+        // Reset drops its mappings with everything else: hand the table over again.
+        if let Some(mem) = self.mem.clone() {
+            self.set_memory(mem)?;
+        }
         Ok(())
     }
 

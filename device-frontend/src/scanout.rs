@@ -164,7 +164,7 @@ mod tests {
         assert_eq!(seals & want.bits(), want.bits());
         assert!(ftruncate(buf.fd(), 8).is_err(), "shrinking must be refused");
         // Write through a second mapping, as the renderer would.
-        let writer = ScanoutWriter::map(buf.fd(), 64);
+        let mut writer = ScanoutWriter::map(buf.fd(), 64);
         for (i, b) in writer.bytes().iter_mut().enumerate() {
             *b = i as u8;
         }
@@ -217,7 +217,7 @@ mod tests {
             }
         }
 
-        fn bytes(&self) -> &mut [u8] {
+        fn bytes(&mut self) -> &mut [u8] {
             // SAFETY: the mapping is live for self and only this test touches it.
             unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
         }

@@ -20,6 +20,7 @@ mod error;
 mod harden;
 mod seccomp;
 mod trap;
+mod warm_up;
 
 pub use error::PolicyError;
 pub use harden::{harden_process, MAX_OPEN_FILES};

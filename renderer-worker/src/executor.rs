@@ -5,6 +5,7 @@
 //! the request's fence, so the frontend always sees a request's reply before its
 //! `FenceSignaled` (for 2D the fence completes inside `create_fence`).
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ipc_channel::ipc::IpcReceiver;
@@ -14,7 +15,6 @@ use protocol::ipc::{
     FenceInfo, RenderError, RendererEvent, RendererOp, RendererRequest, ReplyBody,
 };
 use protocol::lane::{FdTicket, Lane};
-use std::os::fd::OwnedFd;
 
 use crate::backend::Renderer;
 use crate::cursor::read_cursor;

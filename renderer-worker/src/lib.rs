@@ -5,6 +5,8 @@
 //! with replies and fence events. Guest memory and scanout buffers reach it as fds on the
 //! descriptor lane and are mapped here; nothing leaves it as a pointer.
 
+#![warn(missing_docs)]
+
 mod backend;
 mod cursor;
 mod error;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
-use crate::{trap, PolicyError, Role, ViolationAction};
+use crate::{trap, warm_up, PolicyError, Role, ViolationAction};
 use permit::Permit;
 
 /// The permits of `role` for the process `pid`.
@@ -49,8 +49,13 @@ pub fn filter_for(role: Role, action: ViolationAction) -> Result<BpfProgram, Pol
 ///
 /// Call it after set-up and before the first untrusted byte is read. Afterwards no file can
 /// be opened, no process started and no signal handler changed.
+///
+/// Before the filter it makes glibc do lazy work that would otherwise open a file later
+/// (see `src/warm_up.rs`: the first shrink of a thread's malloc heap reads
+/// `/proc/sys/vm/overcommit_memory`); this costs a short-lived thread and a few ms.
 pub fn install_seccomp(role: Role, action: ViolationAction) -> Result<(), PolicyError> {
     let program = filter_for(role, action)?;
+    warm_up::warm_up_malloc();
     if action == ViolationAction::Trap {
         trap::install_sigsys_handler(role)?;
     }
@@ -235,5 +240,8 @@ mod tests {
             jump(BPF_JMP_JEQ_K, libc::SYS_clone3 as u32, 0, 1)
         );
         assert_eq!(program[4], stmt(BPF_RET_K, enosys));
+        // Another arch jumps (1 + 3) to index 5: the allowlist's own arch check, which
+        // kills.
+        assert_eq!(program[5], stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH));
     }
 }

@@ -268,17 +268,29 @@ pub fn allowed_workload(role: Role) -> Result<(), String> {
     Ok(())
 }
 
-/// Makes glibc shrink the heap of a thread's malloc arena (a new thread gets its own
-/// arena; freeing a few hundred KiB of small-enough blocks there makes `free` trim the
-/// heap). The first shrink in a process reads `/proc/sys/vm/overcommit_memory`.
-pub fn shrink_thread_arena() -> Result<(), String> {
-    std::thread::spawn(|| {
-        let blocks: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8; 96 << 10]).collect();
+/// Makes glibc shrink the heap of a thread's malloc arena: a new thread gets its own
+/// arena, and freeing `total` bytes of blocks small enough to come from it makes `free`
+/// trim the heap once the top exceeds the trim threshold. The first shrink in a process
+/// reads `/proc/sys/vm/overcommit_memory`.
+pub fn shrink_thread_arena(total: usize) -> Result<(), String> {
+    std::thread::spawn(move || {
+        let blocks: Vec<Vec<u8>> = (0..total / (96 << 10))
+            .map(|i| vec![i as u8; 96 << 10])
+            .collect();
         let sum: usize = blocks.iter().map(|b| b.len()).sum();
-        drop(blocks);
+        blocks.into_iter().rev().for_each(drop);
         sum
     })
     .join()
     .map(|_| ())
     .map_err(|_| "arena thread panicked".to_string())
+}
+
+/// Raises glibc's dynamic mmap and trim thresholds, as a process that freed a large
+/// buffer during set-up has them (freeing a mapped chunk of N bytes makes the mmap
+/// threshold N and the trim threshold 2N).
+pub fn raise_malloc_thresholds() {
+    let big = vec![1u8; 20 << 20];
+    std::hint::black_box(&big);
+    drop(big);
 }
