@@ -36,7 +36,8 @@ pub struct ServeArgs {
     /// Enable virgl 3D (not available in this build: fails early).
     #[arg(long)]
     pub virgl: bool,
-    /// An output of WIDTHxHEIGHT pixels; repeat for more outputs (default: one 1280x800).
+    /// An output of WIDTHxHEIGHT pixels; repeat for more outputs. Without it: one output,
+    /// whose size the VMM's display decides (1280x800 when it has no opinion).
     #[arg(long = "output", value_name = "WxH", value_parser = parse_output)]
     pub outputs: Vec<OutputConfig>,
     /// Do not offer VIRTIO_GPU_F_EDID.
@@ -100,6 +101,7 @@ impl ServeArgs {
                 ));
             }
             config.outputs = self.outputs.clone();
+            config.display_from_vmm = false;
         }
         config.edid = !self.no_edid;
         if let Some(mib) = self.max_resource_memory {

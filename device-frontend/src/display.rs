@@ -3,13 +3,16 @@
 //! guest keeps being served, the picture is just not shown, and the log says why.
 
 use vhost::vhost_user::gpu_message::{
-    VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuProtocolFeatures,
-    VhostUserGpuScanout, VhostUserGpuUpdate,
+    VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuEdidRequest,
+    VhostUserGpuProtocolFeatures, VhostUserGpuScanout, VhostUserGpuUpdate,
 };
 use vhost::vhost_user::message::VhostUserU64;
 use vhost::vhost_user::GpuBackend;
 
-use protocol::virtio_gpu::Rect;
+use protocol::virtio_gpu::{
+    DisplayOne, Rect, VIRTIO_GPU_EDID_MAX_SIZE, VIRTIO_GPU_RESP_OK_DISPLAY_INFO,
+    VIRTIO_GPU_RESP_OK_EDID,
+};
 
 /// Bytes of a cursor image in a CURSOR_UPDATE (64 x 64 pixels, 4 bytes each).
 pub const CURSOR_BYTES: usize = 64 * 64 * 4;
@@ -40,6 +43,86 @@ impl Display {
     /// The features the VMM offered.
     pub fn vmm_features(&self) -> VhostUserGpuProtocolFeatures {
         self.vmm_features
+    }
+
+    /// The VMM's preferred display configuration (what its UI shows), for the first
+    /// `count` scanouts. None when the VMM does not answer sensibly; the caller then falls
+    /// back to the configured outputs. Sizes beyond `max_side` are refused, not clamped: a
+    /// VMM that reports them is confused, and our own default is the safer answer.
+    pub fn display_info(&mut self, count: usize, max_side: u32) -> Option<Vec<DisplayOne>> {
+        if self.failed {
+            return None;
+        }
+        let reply = match self.backend.get_display_info() {
+            Ok(r) => r,
+            Err(e) => {
+                self.check("GET_DISPLAY_INFO", Err(e));
+                return None;
+            }
+        };
+        if reply.hdr.type_ != VIRTIO_GPU_RESP_OK_DISPLAY_INFO {
+            log::warn!(
+                "VMM answered GET_DISPLAY_INFO with type {:#x}; using the configured outputs",
+                reply.hdr.type_
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(count);
+        for pm in reply.pmodes.iter().take(count) {
+            if pm.r.width > max_side || pm.r.height > max_side {
+                log::warn!(
+                    "VMM reported a {}x{} display; using the configured outputs",
+                    pm.r.width,
+                    pm.r.height
+                );
+                return None;
+            }
+            out.push(DisplayOne {
+                rect: Rect {
+                    x: pm.r.x,
+                    y: pm.r.y,
+                    width: pm.r.width,
+                    height: pm.r.height,
+                },
+                enabled: pm.enabled != 0,
+                flags: pm.flags,
+            });
+        }
+        Some(out)
+    }
+
+    /// The VMM's EDID for a scanout, when it offered the EDID display feature.
+    pub fn edid(&mut self, scanout_id: u32) -> Option<Vec<u8>> {
+        if self.failed
+            || !self
+                .vmm_features
+                .contains(VhostUserGpuProtocolFeatures::EDID)
+        {
+            return None;
+        }
+        let reply = match self
+            .backend
+            .get_edid(&VhostUserGpuEdidRequest { scanout_id })
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.check("GET_EDID", Err(e));
+                return None;
+            }
+        };
+        let size = reply.size as usize;
+        if reply.hdr.type_ != VIRTIO_GPU_RESP_OK_EDID
+            || size == 0
+            || size > VIRTIO_GPU_EDID_MAX_SIZE
+        {
+            log::warn!(
+                "VMM answered GET_EDID with type {:#x}, size {}; using our own EDID",
+                reply.hdr.type_,
+                reply.size
+            );
+            return None;
+        }
+        Some(reply.edid[..size].to_vec())
     }
 
     /// Announces a scanout's size (0 x 0 disables it).

@@ -124,7 +124,18 @@ impl Control {
         }
     }
 
-    fn display_info(&self) -> Response {
+    fn display_info(&mut self) -> Response {
+        if self.config.display_from_vmm {
+            let count = self.scanouts.len();
+            let max = self.config.limits.max_dimension;
+            if let Some(modes) = self
+                .display
+                .as_mut()
+                .and_then(|d| d.display_info(count, max))
+            {
+                return Response::OkDisplayInfo(modes);
+            }
+        }
         Response::OkDisplayInfo(
             self.config
                 .outputs
@@ -143,15 +154,20 @@ impl Control {
         )
     }
 
-    fn edid(&self, scanout_id: u32) -> Result<Response, ErrorCode> {
+    fn edid(&mut self, scanout_id: u32) -> Result<Response, ErrorCode> {
         if !self.config.edid {
             return Err(ErrorCode::Unspec);
         }
-        let output = self
+        let output = *self
             .config
             .outputs
             .get(scanout_id as usize)
             .ok_or(ErrorCode::InvalidParameter)?;
+        if self.config.display_from_vmm {
+            if let Some(edid) = self.display.as_mut().and_then(|d| d.edid(scanout_id)) {
+                return Ok(Response::OkEdid(edid));
+            }
+        }
         Ok(Response::OkEdid(
             crate::edid::edid_for(output.width, output.height, scanout_id).to_vec(),
         ))

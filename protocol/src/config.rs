@@ -40,6 +40,10 @@ impl Default for Limits {
 pub struct DeviceConfig {
     /// The outputs, in scanout order (at least 1, at most 16).
     pub outputs: Vec<OutputConfig>,
+    /// Ask the VMM (its display socket) for the preferred display configuration and EDID
+    /// instead of answering from `outputs`; set when the user gave no explicit outputs,
+    /// so QEMU's own `xres`/`yres` and window size reach the guest.
+    pub display_from_vmm: bool,
     /// Whether VIRTIO_GPU_F_EDID is offered.
     pub edid: bool,
     /// Guest-facing limits.
@@ -60,6 +64,7 @@ impl Default for DeviceConfig {
                 width: 1280,
                 height: 800,
             }],
+            display_from_vmm: true,
             edid: true,
             limits: Limits::default(),
             seccomp: true,
