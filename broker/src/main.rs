@@ -53,8 +53,16 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
     }
     if let Some(cli::Sub::Demo(args)) = cli.command {
         logger::init("broker", cli.serve.log_level);
-        let _ = args;
-        return Err("demo: not wired yet".into());
+        let bin = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;
+        let opts = vgpu_tests::DemoOptions {
+            frames: args.frames,
+            width: args.output.width,
+            height: args.output.height,
+        };
+        let mut out = std::io::stdout();
+        return vgpu_tests::run_demo(&bin, &opts, &mut out)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(|e| format!("demo failed: {e}"));
     }
     serve::serve(cli.serve).map(|code| ExitCode::from(code as u8))
 }

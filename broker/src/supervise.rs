@@ -102,40 +102,24 @@ pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed)
             }
         };
         if sig == libc::SIGCHLD {
-            let fe = frontend.reap();
-            let re = renderer.reap();
+            let mut fe = frontend.reap();
+            let mut re = renderer.reap();
+            if fe.is_none() && re.is_some_and(|st| st.code() == Some(0)) {
+                // The renderer ends cleanly when the frontend closes its channel on the way
+                // out; the frontend's own exit may be a moment behind. Wait for it.
+                fe = wait_for_exit(sfd, frontend, STOP_TIMEOUT);
+                re = renderer.reap();
+            }
+            let clean = |st: Option<ExitStatus>| st.is_none_or(|st| st.code() == Some(0));
             match (fe, re) {
                 (None, None) => continue,
-                (Some(st), None) if st.code() == Some(0) => {
-                    log::info!(
-                        "device-frontend finished (VMM disconnected); stopping the renderer-worker"
-                    );
+                (Some(st), re) if st.code() == Some(0) && clean(re) => {
+                    log::info!("device-frontend finished (VMM disconnected); stopping the device");
                     stop_all(sfd, &mut [renderer]);
                     return 0;
                 }
                 _ => {
-                    // The renderer is named first: when it dies, the frontend follows
-                    // with EXIT_RENDERER_GONE, and the renderer is the news.
-                    let culprit = if let Some(st) = re {
-                        format!(
-                            "{} (pid {}) {}",
-                            renderer.role,
-                            renderer.child.id(),
-                            describe(st)
-                        )
-                    } else {
-                        let st = fe.expect("one of them exited");
-                        let mut s = format!(
-                            "{} (pid {}) {}",
-                            frontend.role,
-                            frontend.child.id(),
-                            describe(st)
-                        );
-                        if st.code() == Some(FRONTEND_RENDERER_GONE) {
-                            s.push_str(" after losing the renderer-worker");
-                        }
-                        s
-                    };
+                    let culprit = culprit(frontend, fe, renderer, re);
                     log::error!("{culprit}; stopping the device");
                     stop_all(sfd, &mut [frontend, renderer]);
                     return 1;
@@ -148,6 +132,70 @@ pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed)
         log::info!("received {name}; stopping the device");
         stop_all(sfd, &mut [frontend, renderer]);
         return 0;
+    }
+}
+
+/// Names the child whose exit ended the device. The renderer is named first when it failed:
+/// the frontend then follows with EXIT_RENDERER_GONE, and the renderer is the news.
+fn culprit(
+    frontend: &Managed,
+    fe: Option<ExitStatus>,
+    renderer: &Managed,
+    re: Option<ExitStatus>,
+) -> String {
+    let frontend_ok = fe.is_none_or(|f| f.code() == Some(0));
+    match (re, fe) {
+        (Some(st), _) if st.code() != Some(0) || frontend_ok => {
+            let mut s = format!(
+                "{} (pid {}) {}",
+                renderer.role,
+                renderer.child.id(),
+                describe(st)
+            );
+            if st.code() == Some(0) {
+                s.push_str(" while the device-frontend was still serving");
+            }
+            s
+        }
+        (_, Some(st)) => {
+            let mut s = format!(
+                "{} (pid {}) {}",
+                frontend.role,
+                frontend.child.id(),
+                describe(st)
+            );
+            if st.code() == Some(FRONTEND_RENDERER_GONE) {
+                s.push_str(" after losing the renderer-worker");
+            }
+            s
+        }
+        _ => "a child ended".into(),
+    }
+}
+
+/// Waits (bounded) for one child to exit, reading SIGCHLDs from the signalfd.
+fn wait_for_exit(sfd: &SignalFd, m: &mut Managed, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = m.reap() {
+            return Some(st);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        wait_signal(sfd, left);
+    }
+}
+
+/// Sleeps on the signalfd for at most `left` (capped at a second) and drains one signal.
+fn wait_signal(sfd: &SignalFd, left: Duration) {
+    let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::MAX);
+    if let Ok(n) = poll(&mut fds, ms) {
+        if n > 0 {
+            let _ = sfd.read_signal();
+        }
     }
 }
 
@@ -176,16 +224,9 @@ pub fn stop_all(sfd: &SignalFd, children: &mut [&mut Managed]) {
             }
             break;
         }
-        let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-        let ms =
-            PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap_or(PollTimeout::MAX);
-        if let Ok(n) = poll(&mut fds, ms) {
-            if n > 0 {
-                // Drain one signal; SIGCHLD is what we wait for, a second SIGTERM changes
-                // nothing (the children already have theirs).
-                let _ = sfd.read_signal();
-            }
-        }
+        // SIGCHLD is what we wait for; a second SIGTERM changes nothing (the children
+        // already have theirs).
+        wait_signal(sfd, left);
     }
     for m in children.iter_mut() {
         if let Some(st) = m.status {

@@ -13,6 +13,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use protocol::config::DeviceConfig;
 use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
@@ -36,18 +39,26 @@ struct Inner {
     features: u64,
     config: Mutex<ConfigSpace>,
     event_idx: Arc<AtomicBool>,
+    /// Wakes the vring worker thread to exit: vhost-user-backend joins it when the daemon is
+    /// dropped, so without an exit event the frontend would hang on its way out.
+    exit: (EventConsumer, EventNotifier),
 }
 
 impl GpuDevice {
     /// A device that forwards to `mailbox`; `event_idx` is shared with the control actor.
-    pub fn new(config: &DeviceConfig, mailbox: Sender<Input>, event_idx: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        config: &DeviceConfig,
+        mailbox: Sender<Input>,
+        event_idx: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | VHOST_USER_F_PROTOCOL_FEATURES;
         if config.edid {
             features |= 1u64 << VIRTIO_GPU_F_EDID;
         }
-        GpuDevice {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(GpuDevice {
             inner: Arc::new(Inner {
                 mailbox,
                 features,
@@ -57,8 +68,9 @@ impl GpuDevice {
                     num_capsets: 0,
                 }),
                 event_idx,
+                exit,
             }),
-        }
+        })
     }
 
     fn send(&self, input: Input) {
@@ -134,6 +146,17 @@ impl VhostUserBackend for GpuDevice {
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
         self.send(Input::GpuSocket(gpu_backend));
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = &self.inner.exit;
+        match (consumer.try_clone(), notifier.try_clone()) {
+            (Ok(c), Ok(n)) => Some((c, n)),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("cloning the vring worker's exit event failed: {e}");
+                None
+            }
+        }
     }
 
     fn handle_event(

@@ -3,8 +3,8 @@
 //! guest keeps being served, the picture is just not shown, and the log says why.
 
 use vhost::vhost_user::gpu_message::{
-    VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuEdidRequest,
-    VhostUserGpuProtocolFeatures, VhostUserGpuScanout, VhostUserGpuUpdate,
+    VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuEdidRequest, VhostUserGpuScanout,
+    VhostUserGpuUpdate,
 };
 use vhost::vhost_user::message::VhostUserU64;
 use vhost::vhost_user::GpuBackend;
@@ -14,13 +14,18 @@ use protocol::virtio_gpu::{
     VIRTIO_GPU_RESP_OK_EDID,
 };
 
+/// VHOST_USER_GPU_PROTOCOL_F_EDID. Our own constant: vhost 0.18 declares
+/// `VhostUserGpuProtocolFeatures::EDID` as the value 0 (an empty set) instead of bit 0,
+/// which would make every VMM look EDID-capable and never enable it.
+pub const DISPLAY_F_EDID: u64 = 1 << 0;
+
 /// Bytes of a cursor image in a CURSOR_UPDATE (64 x 64 pixels, 4 bytes each).
 pub const CURSOR_BYTES: usize = 64 * 64 * 4;
 
 /// The VMM's display endpoint, once it has been handed to us.
 pub struct Display {
     backend: GpuBackend,
-    vmm_features: VhostUserGpuProtocolFeatures,
+    vmm_features: u64,
     failed: bool,
 }
 
@@ -29,10 +34,12 @@ impl Display {
     /// subset we use.
     pub fn connect(backend: GpuBackend) -> std::io::Result<Display> {
         let offered = backend.get_protocol_features()?;
-        let vmm_features = VhostUserGpuProtocolFeatures::from_bits_truncate(offered.value);
-        let wanted = vmm_features & VhostUserGpuProtocolFeatures::EDID;
-        backend.set_protocol_features(&VhostUserU64::new(wanted.bits()))?;
-        log::info!("display socket connected, VMM display features {vmm_features:?}");
+        let vmm_features = offered.value;
+        let wanted = vmm_features & DISPLAY_F_EDID;
+        backend.set_protocol_features(&VhostUserU64::new(wanted))?;
+        log::info!(
+            "display socket connected, VMM display features {vmm_features:#x}, enabled {wanted:#x}"
+        );
         Ok(Display {
             backend,
             vmm_features,
@@ -40,8 +47,8 @@ impl Display {
         })
     }
 
-    /// The features the VMM offered.
-    pub fn vmm_features(&self) -> VhostUserGpuProtocolFeatures {
+    /// The display protocol features the VMM offered.
+    pub fn vmm_features(&self) -> u64 {
         self.vmm_features
     }
 
@@ -93,11 +100,7 @@ impl Display {
 
     /// The VMM's EDID for a scanout, when it offered the EDID display feature.
     pub fn edid(&mut self, scanout_id: u32) -> Option<Vec<u8>> {
-        if self.failed
-            || !self
-                .vmm_features
-                .contains(VhostUserGpuProtocolFeatures::EDID)
-        {
+        if self.failed || self.vmm_features & DISPLAY_F_EDID == 0 {
             return None;
         }
         let reply = match self

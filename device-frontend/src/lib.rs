@@ -45,7 +45,8 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
 
     let (mailbox_tx, mailbox_rx) = crossbeam_channel::unbounded();
     let event_idx = Arc::new(AtomicBool::new(false));
-    let device = GpuDevice::new(&config, mailbox_tx.clone(), event_idx.clone());
+    let device = GpuDevice::new(&config, mailbox_tx.clone(), event_idx.clone())
+        .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
     let mut daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device, mem)
         .map_err(|e| FrontendError::Daemon(e.to_string()))?;
@@ -83,10 +84,9 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         .map_err(|e| FrontendError::Daemon(e.to_string()))?;
     log::info!("VMM connected");
     let _ = boot.to_broker.send(ChildStatus::VmmConnected);
-    let served = daemon.wait();
-    match &served {
+    match daemon.wait() {
         Ok(()) => log::info!("VMM disconnected"),
-        Err(e) => log::info!("VMM connection ended: {e}"),
+        Err(e) => log::info!("VMM connection ended ({e})"),
     }
     let _ = mailbox_tx.send(Input::Shutdown);
     if let Ok(stats) = actor.join() {
@@ -99,5 +99,7 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         );
     }
     let _ = boot.to_broker.send(ChildStatus::VmmDisconnected);
+    // Joins the vring worker after waking it with the exit event.
+    drop(daemon);
     Ok(())
 }

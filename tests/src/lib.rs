@@ -1,1 +1,25 @@
-//! placeholder
+//! The test VMM and end-to-end harness for vgpu-sandbox.
+//!
+//! - [`guest_memory`]: memfd guest RAM and a bump allocator.
+//! - [`virtqueue`]: a driver-side split virtqueue.
+//! - [`vmm`]: [`TestVmm`], a real vhost-user frontend.
+//! - [`display`]: the vhost-user-gpu display-socket peer.
+//! - [`gpu`]: [`GpuDriver`], a virtio-gpu driver with its own command encoder.
+//! - [`stack`]: [`Stack`], spawning and supervising the real `vgpu-sandbox` binary.
+//! - [`scenario`]: [`run_demo`], the `vgpu-sandbox demo` scenario.
+//! - [`edid`]: EDID generation and checking.
+
+pub mod display;
+pub mod edid;
+pub mod gpu;
+pub mod guest_memory;
+pub mod scenario;
+pub mod stack;
+pub mod virtqueue;
+pub mod vmm;
+
+pub use display::{DisplayEvent, DisplayEvents};
+pub use gpu::{Command, GpuDriver, Queue, Rect, Response};
+pub use scenario::{run_demo, DemoOptions, DemoReport};
+pub use stack::{ProcessInfo, Role, Stack};
+pub use vmm::{TestVmm, VmmOptions};

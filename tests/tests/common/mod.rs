@@ -1,0 +1,118 @@
+//! Helpers shared by the end-to-end test files.
+// Each test file uses a different subset.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use vgpu_tests::gpu::{format, resp, Backing, GpuError, Rect, Response};
+use vgpu_tests::{Stack, TestVmm};
+
+/// Bound on every display-socket wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Starts the stack with `args` and connects a test VMM; panics with the log on failure.
+pub fn start(args: &[&str]) -> (Stack, TestVmm) {
+    let stack = Stack::start(args).unwrap_or_else(|e| panic!("starting vgpu-sandbox: {e}"));
+    let vmm = stack.connect().unwrap_or_else(|e| {
+        panic!(
+            "test VMM set-up failed: {e}\nvgpu-sandbox output:\n{}",
+            stack.log_text()
+        )
+    });
+    (stack, vmm)
+}
+
+/// Asserts a command's response type, naming the command, expected and actual codes.
+#[track_caller]
+pub fn expect(what: &str, r: Result<Response, GpuError>, want: u32) -> Response {
+    let r = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        r.kind,
+        want,
+        "{what}: expected {}, got {} (used len {})",
+        resp::name(want),
+        r.kind_name(),
+        r.used_len
+    );
+    if want == resp::OK_NODATA || want >= resp::ERR_UNSPEC {
+        assert_eq!(
+            r.used_len, 24,
+            "{what}: used len for a bare header response"
+        );
+    }
+    r
+}
+
+/// Asserts OK_NODATA.
+#[track_caller]
+pub fn ok(what: &str, r: Result<Response, GpuError>) -> Response {
+    expect(what, r, resp::OK_NODATA)
+}
+
+/// A deterministic test image: `w*h` pixels of 4 bytes, different per `seed`.
+pub fn image(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity((w * h * 4) as usize);
+    let mut s = seed.wrapping_mul(0x9e37_79b9) | 1;
+    for _ in 0..w * h {
+        // xorshift32: cheap, and every byte position varies.
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    v
+}
+
+/// Creates a `w`x`h` resource in `fmt` with backing filled with `pixels`, and transfers it.
+pub fn resource_with(
+    vmm: &mut TestVmm,
+    id: u32,
+    fmt: u32,
+    w: u32,
+    h: u32,
+    pixels: &[u8],
+) -> Backing {
+    let mem = vmm.memory().clone();
+    let gpu = vmm.gpu();
+    let (b, c, a) = gpu
+        .create_backed_resource(id, fmt, w, h)
+        .unwrap_or_else(|e| panic!("create resource {id}: {e}"));
+    ok(&format!("RESOURCE_CREATE_2D {id}"), Ok(c));
+    ok(&format!("RESOURCE_ATTACH_BACKING {id}"), Ok(a));
+    mem.write(b.addr, pixels).expect("write backing");
+    ok(
+        &format!("TRANSFER_TO_HOST_2D {id}"),
+        gpu.transfer_to_host_2d(id, Rect::new(0, 0, w, h), 0),
+    );
+    b
+}
+
+/// Proves the device still serves commands: display info, then create + unref a resource.
+#[track_caller]
+pub fn still_works(vmm: &mut TestVmm, after: &str) {
+    let gpu = vmm.gpu();
+    let r = gpu
+        .get_display_info()
+        .unwrap_or_else(|e| panic!("after {after}: GET_DISPLAY_INFO: {e}"));
+    assert_eq!(
+        r.kind,
+        resp::OK_DISPLAY_INFO,
+        "after {after}: GET_DISPLAY_INFO got {}",
+        r.kind_name()
+    );
+    ok(
+        &format!("after {after}: RESOURCE_CREATE_2D 4242"),
+        gpu.resource_create_2d(4242, format::B8G8R8X8_UNORM, 16, 16),
+    );
+    ok(
+        &format!("after {after}: RESOURCE_UNREF 4242"),
+        gpu.resource_unref(4242),
+    );
+}
+
+/// Asserts the display socket saw no protocol violation.
+#[track_caller]
+pub fn no_violations(vmm: &TestVmm) {
+    let v = vmm.display().violations();
+    assert!(v.is_empty(), "display socket protocol violations: {v:#?}");
+}
