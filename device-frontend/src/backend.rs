@@ -23,6 +23,9 @@ use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
 use crate::config_space::ConfigSpace;
 use crate::control::{GuestMem, Input, NUM_QUEUES};
 
+/// How long GET_VRING_BASE waits for a queue's in-flight commands to be answered.
+const STOP_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -145,6 +148,26 @@ impl VhostUserBackend for GpuDevice {
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
         self.send(Input::GpuSocket(gpu_backend));
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Ok(queue) = u16::try_from(queue_index) else {
+            return Ok(());
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.send(Input::StopQueue {
+            queue,
+            done: done_tx,
+        });
+        match done_rx.recv_timeout(STOP_QUEUE_TIMEOUT) {
+            Ok(()) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::warn!(
+                "queue {queue}: commands still in flight after {STOP_QUEUE_TIMEOUT:?}; \
+                 stopping it anyway (the guest will not see their answers)"
+            ),
+        }
         Ok(())
     }
 

@@ -60,6 +60,15 @@ pub enum Input {
     RendererGone,
     /// VHOST_USER_RESET_DEVICE.
     Reset,
+    /// VHOST_USER_GET_VRING_BASE: finish the queue's in-flight commands, then let go of
+    /// the ring and say so on `done`. The VMM takes the ring's index as final, so a
+    /// command popped but not answered here would never be answered at all.
+    StopQueue {
+        /// Queue index.
+        queue: u16,
+        /// Signalled once the queue is idle and released.
+        done: crossbeam_channel::Sender<()>,
+    },
     /// The VMM disconnected; stop.
     Shutdown,
 }
@@ -117,6 +126,7 @@ pub struct Control {
     pub(crate) display: Option<Display>,
     pub(crate) mem: Option<GuestMem>,
     vrings: [Option<VringRwLock>; NUM_QUEUES],
+    stopping: [Option<crossbeam_channel::Sender<()>>; NUM_QUEUES],
     fifos: [VecDeque<Entry>; NUM_QUEUES],
     pending: HashMap<u64, PendingReply>,
     next_entry_id: u64,
@@ -151,6 +161,7 @@ impl Control {
             display: None,
             mem: None,
             vrings: [None, None],
+            stopping: [None, None],
             fifos: [VecDeque::new(), VecDeque::new()],
             pending: HashMap::new(),
             next_entry_id: 1,
@@ -179,10 +190,16 @@ impl Control {
                 Input::Renderer(RendererEvent::FenceSignaled(f)) => self.on_fence(f),
                 Input::RendererGone => return Err(FrontendError::RendererGone),
                 Input::Reset => self.reset()?,
+                Input::StopQueue { queue, done } => {
+                    if let Some(slot) = self.stopping.get_mut(queue as usize) {
+                        *slot = Some(done);
+                    }
+                }
                 Input::Shutdown => break,
             }
             for q in 0..NUM_QUEUES {
                 self.complete_ready(q);
+                self.release_if_stopped(q);
             }
         }
         Ok(self.stats)
@@ -414,6 +431,15 @@ impl Control {
                         e.fence_done = true;
                     }
                 }
+            }
+        }
+    }
+
+    fn release_if_stopped(&mut self, q: usize) {
+        if self.stopping[q].is_some() && self.fifos[q].is_empty() {
+            self.vrings[q] = None;
+            if let Some(done) = self.stopping[q].take() {
+                let _ = done.send(());
             }
         }
     }
