@@ -298,6 +298,11 @@ impl Control {
         };
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
+            // A stopped ring (GET_VRING_BASE) still shows new avail entries; without this
+            // check the EVENT_IDX re-check below would spin on them forever.
+            if !vring.get_ref().get_queue().ready() {
+                break;
+            }
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
                     log::warn!("queue {q}: disabling notifications failed: {e}");
