@@ -39,7 +39,7 @@ fn get_vring_base_answers_every_consumed_command_first() {
     };
     let used_now = read_used_idx(&vmm);
     assert_eq!(
-        used_now, base as u32,
+        used_now, base,
         "GET_VRING_BASE returned {base} consumed descriptors but only {used_now} were answered"
     );
     assert!(
