@@ -305,7 +305,7 @@ impl Control {
             }
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    log::warn!("queue {q}: disabling notifications failed: {e}");
+                    crate::guest_warn!("queue {q}: disabling notifications failed: {e}");
                 }
             }
             loop {
@@ -323,7 +323,7 @@ impl Control {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    log::warn!("queue {q}: enabling notifications failed: {e}");
+                    crate::guest_warn!("queue {q}: enabling notifications failed: {e}");
                     break;
                 }
             }
@@ -360,14 +360,14 @@ impl Control {
                         r
                     }
                     Err(e) => {
-                        log::warn!("queue {q}: rejected command: {e}");
+                        crate::guest_warn!("queue {q}: rejected command: {e}");
                         self.set_current_hdr(q, id, e.header());
                         Ok(Err(e.error_code()))
                     }
                 }
             }
             Err(why) => {
-                log::warn!("queue {q}: unreadable descriptor chain: {why}");
+                crate::guest_warn!("queue {q}: unreadable descriptor chain: {why}");
                 Ok(Err(ErrorCode::Unspec))
             }
         };
@@ -408,7 +408,7 @@ impl Control {
         let outcome = match result {
             Ok(body) => self.after_ok(p.after, body),
             Err(e) => {
-                log::warn!("renderer refused request {seq}: {e}");
+                crate::guest_warn!("renderer refused request {seq}: {e}");
                 self.after_err(p.after);
                 Err(render_error_code(&e))
             }
@@ -465,7 +465,7 @@ impl Control {
             let bytes = encode_response(entry.hdr.as_ref(), &entry.response);
             let written = write_response(&entry.chain, &bytes);
             if let Err(e) = vring.add_used(entry.chain.head_index(), written) {
-                log::warn!("queue {q}: add_used failed: {e}");
+                crate::guest_warn!("queue {q}: add_used failed: {e}");
             }
             used = true;
         }
@@ -477,7 +477,7 @@ impl Control {
                     }
                 }
                 Ok(false) => {}
-                Err(e) => log::warn!("queue {q}: needs_notification failed: {e}"),
+                Err(e) => crate::guest_warn!("queue {q}: needs_notification failed: {e}"),
             }
         }
     }
@@ -513,13 +513,13 @@ fn write_response(chain: &Chain, bytes: &[u8]) -> u32 {
     let mut writer = match Writer::new(chain.memory(), chain.clone()) {
         Ok(w) => w,
         Err(e) => {
-            log::warn!("response not written: bad writable descriptors: {e}");
+            crate::guest_warn!("response not written: bad writable descriptors: {e}");
             return 0;
         }
     };
     let n = writer.available_bytes().min(bytes.len());
     if n < bytes.len() {
-        log::warn!(
+        crate::guest_warn!(
             "response truncated: {} bytes of room for a {}-byte response",
             n,
             bytes.len()
@@ -528,7 +528,7 @@ fn write_response(chain: &Chain, bytes: &[u8]) -> u32 {
     match writer.write_all(&bytes[..n]) {
         Ok(()) => n as u32,
         Err(e) => {
-            log::warn!("writing the response failed: {e}");
+            crate::guest_warn!("writing the response failed: {e}");
             0
         }
     }

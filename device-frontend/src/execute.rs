@@ -61,7 +61,7 @@ impl Control {
                     return Ok(Err(code));
                 }
                 if !self.backing_in_guest_memory(&entries) {
-                    log::warn!(
+                    crate::guest_warn!(
                         "ATTACH_BACKING for resource {resource_id}: entry outside guest memory"
                     );
                     return Ok(Err(ErrorCode::InvalidParameter));
@@ -240,7 +240,7 @@ impl Control {
             let buffer = match ScanoutBuffer::new(stride, resource.height) {
                 Ok(b) => b,
                 Err(e) => {
-                    log::warn!("scanout {scanout_id}: buffer allocation failed: {e}");
+                    crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
                     return Ok(Err(ErrorCode::OutOfMemory));
                 }
             };

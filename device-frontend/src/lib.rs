@@ -11,6 +11,7 @@ pub mod display;
 pub mod edid;
 pub mod error;
 mod execute;
+pub mod guest_log;
 pub mod renderer_link;
 pub mod resources;
 mod sandbox;
