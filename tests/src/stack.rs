@@ -328,18 +328,28 @@ impl Stack {
                 source,
             })?;
         let socket = dir.path().join("vgpu.sock");
-        let mut child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket-path").arg(&socket).args(args);
+        Self::start_command(cmd, dir, socket, echo)
+    }
+
+    /// Starts a prepared command line of the binary (e.g. one that hands it an inherited
+    /// listening fd with `--fd N` via `pre_exec`) and waits (bounded) for its ready line.
+    /// `socket` is where a VMM connects ([`Stack::connect`]); `dir` is removed on drop.
+    /// Stdin becomes /dev/null; stdout and stderr are captured as by [`Stack::start`].
+    pub fn start_command(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        echo: bool,
+    ) -> Result<Stack, StackError> {
+        let bin = PathBuf::from(cmd.get_program());
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| StackError::Spawn {
-                bin: bin.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| StackError::Spawn { bin, source })?;
         let log = Arc::new(Log {
             state: Mutex::new(LogState::default()),
             cond: Condvar::new(),
