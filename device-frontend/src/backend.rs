@@ -1,12 +1,13 @@
-//! The vhost-user backend: what vhost-user-backend's daemon calls. It owns no device state;
-//! every event is forwarded to the control actor's mailbox, so the vhost-user thread and the
-//! vring epoll thread never block on the renderer.
+//! The vhost-user backend: what vhost-user-backend's daemon calls. The control actor lives
+//! here and runs only on the vring worker thread (`handle_event`): queue kicks are handled
+//! where they land; calls made on the vhost-user thread (memory table, display socket,
+//! reset, ring stop) are posted to the actor's mailbox, so that thread never blocks on the
+//! renderer and the device state has one owner.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::Sender;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
@@ -21,7 +22,9 @@ use protocol::config::DeviceConfig;
 use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
 
 use crate::config_space::ConfigSpace;
-use crate::control::{GuestMem, Input, NUM_QUEUES};
+use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
+use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT};
+use crate::EXIT_RENDERER_GONE;
 
 /// How long GET_VRING_BASE waits for a queue's in-flight commands to be answered.
 const STOP_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -38,7 +41,11 @@ pub struct GpuDevice {
 }
 
 struct Inner {
-    mailbox: Sender<Input>,
+    mailbox: Mailbox,
+    inbox: Inbox,
+    /// Locked only by the vring worker thread (and by `run` after that thread is gone):
+    /// the mutex is what makes the actor's state `Sync`, not a point of contention.
+    control: Mutex<Control>,
     features: u64,
     config: Mutex<ConfigSpace>,
     event_idx: Arc<AtomicBool>,
@@ -48,10 +55,11 @@ struct Inner {
 }
 
 impl GpuDevice {
-    /// A device that forwards to `mailbox`; `event_idx` is shared with the control actor.
+    /// The device around its control actor; `event_idx` is shared with the actor.
     pub fn new(
         config: &DeviceConfig,
-        mailbox: Sender<Input>,
+        control: Control,
+        (mailbox, inbox): (Mailbox, Inbox),
         event_idx: Arc<AtomicBool>,
     ) -> io::Result<Self> {
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
@@ -64,6 +72,8 @@ impl GpuDevice {
         Ok(GpuDevice {
             inner: Arc::new(Inner {
                 mailbox,
+                inbox,
+                control: Mutex::new(control),
                 features,
                 config: Mutex::new(ConfigSpace {
                     events_read: 0,
@@ -77,9 +87,19 @@ impl GpuDevice {
     }
 
     fn send(&self, input: Input) {
-        if self.inner.mailbox.send(input).is_err() {
+        if !self.inner.mailbox.post(input) {
             log::debug!("control actor gone; event dropped");
         }
+    }
+
+    /// The fd the vring worker's epoll loop must watch (as [`MAILBOX_EVENT`]).
+    pub fn mailbox_fd(&self) -> std::os::fd::RawFd {
+        self.inner.inbox.wake_fd()
+    }
+
+    /// Runs `f` on the control actor; used once the vring worker is gone (statistics).
+    pub fn with_control<R>(&self, f: impl FnOnce(&Control) -> R) -> Option<R> {
+        self.inner.control.lock().ok().map(|c| f(&c))
     }
 }
 
@@ -191,18 +211,36 @@ impl VhostUserBackend for GpuDevice {
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
-                "unexpected epoll events {evset:?} on queue {device_event}"
+                "unexpected epoll events {evset:?} for event {device_event}"
             )));
         }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            return Err(io::Error::other(format!(
-                "event for unknown queue {device_event}"
-            )));
+        let mut control = self
+            .inner
+            .control
+            .lock()
+            .map_err(|_| io::Error::other("control actor poisoned"))?;
+        let result = if device_event == MAILBOX_EVENT {
+            self.inner
+                .inbox
+                .drain()
+                .try_for_each(|input| control.handle(input))
+        } else {
+            match vrings.get(device_event as usize) {
+                Some(vring) => control.kick(device_event, vring.clone()),
+                None => {
+                    return Err(io::Error::other(format!(
+                        "event for unknown queue {device_event}"
+                    )))
+                }
+            }
         };
-        self.send(Input::Kick {
-            queue: device_event,
-            vring: vring.clone(),
-        });
+        if let Err(e) = result {
+            // The device cannot go on without its renderer; the broker reports this exit
+            // code and tears the rest down.
+            log::error!("control actor stopped: {e}");
+            std::process::exit(EXIT_RENDERER_GONE);
+        }
+        control.settle();
         Ok(())
     }
 }

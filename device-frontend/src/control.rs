@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
 use protocol::config::DeviceConfig;
 use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, ReplyBody};
 use protocol::virtio_gpu::{encode_response, CtrlHeader, ErrorCode, Format, Rect, Response};
@@ -69,8 +68,6 @@ pub enum Input {
         /// Signalled once the queue is idle and released.
         done: crossbeam_channel::Sender<()>,
     },
-    /// The VMM disconnected; stop.
-    Shutdown,
 }
 
 /// What to do when the renderer answers one request.
@@ -171,38 +168,49 @@ impl Control {
         }
     }
 
-    /// Runs until shutdown or until the renderer goes away.
-    pub fn run(mut self, mailbox: Receiver<Input>) -> Result<Stats, FrontendError> {
-        while let Ok(input) = mailbox.recv() {
-            match input {
-                Input::Kick { queue, vring } => {
-                    if let Some(slot) = self.vrings.get_mut(queue as usize) {
-                        *slot = Some(vring);
-                        self.drain_queue(queue as usize)?;
-                    }
+    /// Handles one mailbox input. An Err means the device cannot go on.
+    pub fn handle(&mut self, input: Input) -> Result<(), FrontendError> {
+        match input {
+            Input::Kick { queue, vring } => self.kick(queue, vring)?,
+            Input::Memory(mem) => self.set_memory(mem)?,
+            Input::GpuSocket(backend) => match Display::connect(backend) {
+                Ok(d) => self.display = Some(d),
+                Err(e) => log::warn!("display socket handshake failed: {e}"),
+            },
+            Input::Renderer(RendererEvent::Reply { seq, result }) => self.on_reply(seq, result),
+            Input::Renderer(RendererEvent::FenceSignaled(f)) => self.on_fence(f),
+            Input::RendererGone => return Err(FrontendError::RendererGone),
+            Input::Reset => self.reset()?,
+            Input::StopQueue { queue, done } => {
+                if let Some(slot) = self.stopping.get_mut(queue as usize) {
+                    *slot = Some(done);
                 }
-                Input::Memory(mem) => self.set_memory(mem)?,
-                Input::GpuSocket(backend) => match Display::connect(backend) {
-                    Ok(d) => self.display = Some(d),
-                    Err(e) => log::warn!("display socket handshake failed: {e}"),
-                },
-                Input::Renderer(RendererEvent::Reply { seq, result }) => self.on_reply(seq, result),
-                Input::Renderer(RendererEvent::FenceSignaled(f)) => self.on_fence(f),
-                Input::RendererGone => return Err(FrontendError::RendererGone),
-                Input::Reset => self.reset()?,
-                Input::StopQueue { queue, done } => {
-                    if let Some(slot) = self.stopping.get_mut(queue as usize) {
-                        *slot = Some(done);
-                    }
-                }
-                Input::Shutdown => break,
-            }
-            for q in 0..NUM_QUEUES {
-                self.complete_ready(q);
-                self.release_if_stopped(q);
             }
         }
-        Ok(self.stats)
+        Ok(())
+    }
+
+    /// The driver kicked `queue`: take every available command.
+    pub fn kick(&mut self, queue: u16, vring: VringRwLock) -> Result<(), FrontendError> {
+        if let Some(slot) = self.vrings.get_mut(queue as usize) {
+            *slot = Some(vring);
+            self.drain_queue(queue as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Answers whatever has become answerable and releases stopped queues; called after
+    /// every batch of inputs.
+    pub fn settle(&mut self) {
+        for q in 0..NUM_QUEUES {
+            self.complete_ready(q);
+            self.release_if_stopped(q);
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     fn set_memory(&mut self, mem: GuestMem) -> Result<(), FrontendError> {

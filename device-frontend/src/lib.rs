@@ -12,6 +12,7 @@ pub mod edid;
 pub mod error;
 mod execute;
 pub mod guest_log;
+pub mod mailbox;
 pub mod renderer_link;
 pub mod resources;
 mod sandbox;
@@ -28,7 +29,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::GpuDevice;
-use crate::control::{Control, Input};
+use crate::control::Control;
 pub use crate::error::FrontendError;
 use crate::renderer_link::{spawn_event_pump, RendererLink};
 
@@ -44,32 +45,29 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     let mut listener = unsafe { Listener::from_raw_fd(boot.listener_fd) };
     let config = boot.config;
 
-    let (mailbox_tx, mailbox_rx) = crossbeam_channel::unbounded();
+    let (mailbox, inbox) =
+        mailbox::mailbox().map_err(|e| FrontendError::Daemon(format!("mailbox: {e}")))?;
     let event_idx = Arc::new(AtomicBool::new(false));
-    let device = GpuDevice::new(&config, mailbox_tx.clone(), event_idx.clone())
-        .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
-    let mut daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device, mem)
-        .map_err(|e| FrontendError::Daemon(e.to_string()))?;
-
-    spawn_event_pump(boot.from_renderer, mailbox_tx.clone())?;
     let control = Control::new(
         config.clone(),
         RendererLink::new(boot.to_renderer, lane),
-        event_idx,
+        event_idx.clone(),
     );
-    let actor = std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || match control.run(mailbox_rx) {
-            Ok(stats) => stats,
-            Err(e) => {
-                // The device cannot go on without its renderer; the broker reports this
-                // exit code and tears the rest down.
-                log::error!("control actor stopped: {e}");
-                std::process::exit(EXIT_RENDERER_GONE);
-            }
-        })
-        .map_err(|e| FrontendError::Thread("control", e))?;
+    let device = GpuDevice::new(&config, control, (mailbox.clone(), inbox), event_idx)
+        .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
+    let mut daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device.clone(), mem)
+        .map_err(|e| FrontendError::Daemon(e.to_string()))?;
+    for handler in daemon.get_epoll_handlers() {
+        handler
+            .register_listener(
+                device.mailbox_fd(),
+                vmm_sys_util::epoll::EventSet::IN,
+                u64::from(mailbox::MAILBOX_EVENT),
+            )
+            .map_err(|e| FrontendError::Daemon(format!("registering the mailbox: {e}")))?;
+    }
+    spawn_event_pump(boot.from_renderer, mailbox)?;
 
     if config.seccomp {
         sandbox::enter_jail()?;
@@ -89,18 +87,17 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         Ok(()) => log::info!("VMM disconnected"),
         Err(e) => log::info!("VMM connection ended ({e})"),
     }
-    let _ = mailbox_tx.send(Input::Shutdown);
-    if let Ok(stats) = actor.join() {
+    // Joins the vring worker (the actor's thread) after waking it with the exit event.
+    drop(daemon);
+    if let Some((commands, errors, updates, bytes)) = device.with_control(|c| {
+        let s = c.stats();
+        (s.commands, s.errors, s.updates, s.update_bytes)
+    }) {
         log::info!(
-            "served {} command(s) ({} refused), {} display update(s), {} pixel byte(s)",
-            stats.commands,
-            stats.errors,
-            stats.updates,
-            stats.update_bytes
+            "served {commands} command(s) ({errors} refused), {updates} display update(s), \
+             {bytes} pixel byte(s)"
         );
     }
     let _ = boot.to_broker.send(ChildStatus::VmmDisconnected);
-    // Joins the vring worker after waking it with the exit event.
-    drop(daemon);
     Ok(())
 }

@@ -5,13 +5,13 @@
 use std::os::fd::BorrowedFd;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, RendererRequest};
 use protocol::lane::{FdTicket, Lane};
 
 use crate::control::Input;
 use crate::error::FrontendError;
+use crate::mailbox::Mailbox;
 
 /// Sends requests to the renderer, numbering them.
 pub struct RendererLink {
@@ -49,20 +49,20 @@ impl RendererLink {
 /// Forwards renderer events into the control actor's mailbox until the renderer hangs up.
 pub fn spawn_event_pump(
     rx: IpcReceiver<RendererEvent>,
-    mailbox: Sender<Input>,
+    mailbox: Mailbox,
 ) -> Result<JoinHandle<()>, FrontendError> {
     std::thread::Builder::new()
         .name("renderer-events".into())
         .spawn(move || loop {
             match rx.recv() {
                 Ok(event) => {
-                    if mailbox.send(Input::Renderer(event)).is_err() {
+                    if !mailbox.post(Input::Renderer(event)) {
                         return;
                     }
                 }
                 Err(e) => {
                     log::debug!("renderer event channel closed: {e:?}");
-                    let _ = mailbox.send(Input::RendererGone);
+                    mailbox.post(Input::RendererGone);
                     return;
                 }
             }

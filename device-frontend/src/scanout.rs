@@ -5,6 +5,7 @@
 //! growing before the renderer sees it: a renderer (less trusted) that could truncate the
 //! file would make the frontend's reads fault with SIGBUS. The frontend maps it read-only.
 
+use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -77,37 +78,44 @@ impl ScanoutBuffer {
         self.stride
     }
 
-    /// Copies `rect` (resource coordinates) out of the buffer as BGRX rows, converting from
-    /// `format`. Returns None when `rect` does not fit the buffer.
-    pub fn read_bgrx(&self, format: Format, rect: &Rect) -> Option<Vec<u8>> {
+    /// The pixels of `rect` (resource coordinates) as BGRX rows. Borrowed straight from
+    /// the shared buffer when the format needs no conversion and the rows are contiguous
+    /// (full-width damage, the common full-frame case), so the pixels go from the memfd to
+    /// the display socket without a copy here; otherwise converted into a new buffer in one
+    /// pass. None when `rect` does not fit the buffer.
+    pub fn read_bgrx(&self, format: Format, rect: &Rect) -> Option<Cow<'_, [u8]>> {
         let row_bytes = usize::try_from(rect.width).ok()?.checked_mul(4)?;
         let stride = self.stride as usize;
         let x_bytes = (rect.x as usize).checked_mul(4)?;
         if x_bytes.checked_add(row_bytes)? > stride {
             return None;
         }
-        let last = (rect.y as usize)
+        let first = (rect.y as usize).checked_mul(stride)?;
+        let end = (rect.y as usize)
             .checked_add(rect.height as usize)?
             .checked_mul(stride)?;
-        if last > self.len {
+        if end > self.len {
             return None;
         }
-        let mut out = vec![0u8; row_bytes * rect.height as usize];
-        let mut row = vec![0u8; row_bytes];
-        for (i, dst) in out.chunks_exact_mut(row_bytes.max(1)).enumerate() {
-            let start = (rect.y as usize + i) * stride + x_bytes;
-            // SAFETY: start + row_bytes <= len was checked above; the mapping is alive for
-            // &self and sealed against shrinking, so the source bytes are readable.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.ptr.as_ptr().add(start),
-                    row.as_mut_ptr(),
-                    row_bytes,
-                );
-            }
-            format.convert_row_to_bgrx(&row, dst);
+        let all = self.bytes();
+        if format.is_bgrx_layout() && row_bytes == stride {
+            return Some(Cow::Borrowed(&all[first..end]));
         }
-        Some(out)
+        let mut out = vec![0u8; row_bytes * rect.height as usize];
+        for (i, dst) in out.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+            let start = first + i * stride + x_bytes;
+            format.convert_row_to_bgrx(&all[start..start + row_bytes], dst);
+        }
+        Some(Cow::Owned(out))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, readable, alive as long as `self`, and sealed
+        // against shrinking, so every byte stays mapped. The renderer may write it from its
+        // process; it has finished with a rectangle before it replies (the frontend reads
+        // only after the reply), and a renderer that keeps writing can only change pixel
+        // values, which are never interpreted here, only copied.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
@@ -176,6 +184,21 @@ mod tests {
         };
         let got = buf.read_bgrx(Format::B8G8R8X8Unorm, &rect).unwrap();
         assert_eq!(got, (36u8..44).collect::<Vec<_>>());
+        let rows = Rect {
+            x: 0,
+            y: 1,
+            width: 4,
+            height: 2,
+        };
+        let whole_rows = buf.read_bgrx(Format::B8G8R8X8Unorm, &rows).unwrap();
+        assert!(
+            matches!(whole_rows, Cow::Borrowed(_)),
+            "full rows need no copy"
+        );
+        assert_eq!(&*whole_rows, &(16u8..48).collect::<Vec<_>>()[..]);
+        let swapped = buf.read_bgrx(Format::R8G8B8X8Unorm, &rows).unwrap();
+        assert!(matches!(swapped, Cow::Owned(_)));
+        assert_eq!(&swapped[..4], &[18, 17, 16, 19]);
         let outside = Rect {
             x: 3,
             y: 0,

@@ -482,6 +482,12 @@ impl Format {
         )
     }
 
+    /// Whether pixels of this format already lie in memory as B, G, R, X/A bytes, so
+    /// [`Format::convert_row_to_bgrx`] is a plain copy and can be skipped altogether.
+    pub fn is_bgrx_layout(self) -> bool {
+        matches!(self.swizzle(), Swizzle::Identity)
+    }
+
     fn swizzle(self) -> Swizzle {
         match self {
             Format::B8G8R8A8Unorm | Format::B8G8R8X8Unorm => Swizzle::Identity,
