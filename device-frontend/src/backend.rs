@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -62,8 +62,15 @@ impl GpuDevice {
         (mailbox, inbox): (Mailbox, Inbox),
         event_idx: Arc<AtomicBool>,
     ) -> io::Result<Self> {
+        // INDIRECT_DESC is served by virtio-queue's chain walker. RING_RESET is offered
+        // because QEMU forwards the guest's transport features to SET_FEATURES without
+        // masking them with ours, and vhost-user-backend drops the connection on any bit
+        // it did not offer; the Linux virtio-gpu driver never resets a single queue, and a
+        // reset ring comes back through the usual SET_VRING_* messages.
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_F_RING_RESET)
             | VHOST_USER_F_PROTOCOL_FEATURES;
         if config.edid {
             features |= 1u64 << VIRTIO_GPU_F_EDID;

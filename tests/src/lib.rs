@@ -13,6 +13,7 @@ pub mod display;
 pub mod edid;
 pub mod gpu;
 pub mod guest_memory;
+pub mod qemu;
 pub mod scenario;
 pub mod stack;
 pub mod virtqueue;
