@@ -10,7 +10,8 @@ use std::time::Duration;
 use ipc_channel::ipc::{self, IpcReceiver};
 use nix::sys::socket::{getsockopt, sockopt};
 use protocol::bootstrap::{
-    ChildBootstrap, ChildStatus, FrontendBootstrap, RendererBootstrap, Role, LANE_FD, LISTENER_FD,
+    ChildBootstrap, ChildStatus, FrontendBootstrap, RendererBootstrap, Role, DOORBELL_FD, LANE_FD,
+    LISTENER_FD,
 };
 use protocol::lane::Lane;
 
@@ -71,10 +72,25 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let lane_fe = spawn::lift_fd(lane_fe).map_err(|e| e.to_string())?;
     let lane_re = spawn::lift_fd(lane_re).map_err(|e| e.to_string())?;
 
-    let renderer =
-        spawn::spawn(Role::Renderer, &lane_re, None, args.log_level).map_err(|e| e.to_string())?;
+    let doorbell = spawn::lift_fd(doorbell().map_err(|e| format!("creating the doorbell: {e}"))?)
+        .map_err(|e| e.to_string())?;
+
+    let renderer = spawn::spawn(
+        Role::Renderer,
+        &[(&lane_re, LANE_FD), (&doorbell, DOORBELL_FD)],
+        args.log_level,
+    )
+    .map_err(|e| e.to_string())?;
     let mut renderer_child = renderer.child;
-    let frontend = match spawn::spawn(Role::Frontend, &lane_fe, Some(&listener), args.log_level) {
+    let frontend = match spawn::spawn(
+        Role::Frontend,
+        &[
+            (&lane_fe, LANE_FD),
+            (&listener, LISTENER_FD),
+            (&doorbell, DOORBELL_FD),
+        ],
+        args.log_level,
+    ) {
         Ok(f) => f,
         Err(e) => {
             kill_and_reap(&mut renderer_child);
@@ -82,7 +98,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         }
     };
     // The children hold their own copies now.
-    drop((lane_fe, lane_re, listener));
+    drop((lane_fe, lane_re, listener, doorbell));
     let mut frontend_m = Managed::new(Role::Frontend.name(), frontend.child);
     let mut renderer_m = Managed::new(Role::Renderer.name(), renderer_child);
     log::info!(
@@ -131,6 +147,7 @@ fn wire(
             events: ev_tx,
             to_broker: re_status_tx,
             lane_fd: LANE_FD,
+            doorbell_fd: DOORBELL_FD,
         }))
         .map_err(|e| format!("sending the renderer-worker its bootstrap: {e}"))?;
     to_frontend
@@ -141,6 +158,7 @@ fn wire(
             to_broker: fe_status_tx,
             lane_fd: LANE_FD,
             listener_fd: LISTENER_FD,
+            doorbell_fd: DOORBELL_FD,
         }))
         .map_err(|e| format!("sending the device-frontend its bootstrap: {e}"))?;
     Ok((fe_status_rx, re_status_rx))
@@ -172,6 +190,17 @@ fn spawn_status_logger(rx: StatusRx, role: Role) {
                 log::debug!("{} reports {s:?}", role.name());
             }
         });
+}
+
+/// The renderer's doorbell: a non-blocking eventfd (see `protocol::bootstrap::DOORBELL_FD`).
+fn doorbell() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory arguments; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn bind(path: &Path) -> Result<OwnedFd, String> {

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::IpcOneShotServer;
-use protocol::bootstrap::{ChildHello, Role, BOOTSTRAP_FLAG, LANE_FD, LISTENER_FD, ROLE_FLAG};
+use protocol::bootstrap::{ChildHello, Role, BOOTSTRAP_FLAG, ROLE_FLAG};
 
 use crate::logger::LOG_ENV;
 
@@ -73,18 +73,28 @@ pub fn lift_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     )
 }
 
-/// Spawns `role` with `lane` at LANE_FD and, for the frontend, `listener` at LISTENER_FD.
+/// Most fds a child inherits at fixed numbers.
+const MAX_INHERITED: usize = 4;
+
+/// Spawns `role`, handing it each `(fd, number)` of `fds` at that fixed number (every
+/// source fd must already be above the fixed numbers: see [`lift_fd`]).
 pub fn spawn(
     role: Role,
-    lane: &OwnedFd,
-    listener: Option<&OwnedFd>,
+    fds: &[(&OwnedFd, RawFd)],
     log_level: log::LevelFilter,
 ) -> Result<Spawned, SpawnError> {
     let name = role.name();
     let io_err = |err| SpawnError::Io { role: name, err };
     let (server, server_name) = IpcOneShotServer::<ChildHello>::new().map_err(io_err)?;
-    let lane_raw = lane.as_raw_fd();
-    let listener_raw: Option<RawFd> = listener.map(|l| l.as_raw_fd());
+    if fds.len() > MAX_INHERITED {
+        return Err(io_err(io::Error::other("too many inherited fds")));
+    }
+    // A fixed-size copy: the pre_exec closure must not allocate.
+    let mut moves = [(-1 as RawFd, -1 as RawFd); MAX_INHERITED];
+    for (slot, (fd, number)) in moves.iter_mut().zip(fds) {
+        *slot = (fd.as_raw_fd(), *number);
+    }
+    let first_free = fds.iter().map(|(_, n)| *n).max().unwrap_or(2) + 1;
     let broker_pid = nix::unistd::getpid();
 
     let mut cmd = Command::new("/proc/self/exe");
@@ -99,11 +109,8 @@ pub fn spawn(
     // nothing and touches no locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(lane_raw, LANE_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(l) = listener_raw {
-                if libc::dup2(l, LISTENER_FD) < 0 {
+            for &(src, dst) in moves.iter().filter(|(src, _)| *src >= 0) {
+                if libc::dup2(src, dst) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -120,14 +127,9 @@ pub fn spawn(
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Anything else this process happened to have open must not reach the child.
-            let first = if listener_raw.is_some() {
-                LISTENER_FD + 1
-            } else {
-                LANE_FD + 1
-            };
             libc::syscall(
                 libc::SYS_close_range,
-                first as libc::c_uint,
+                first_free as libc::c_uint,
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );

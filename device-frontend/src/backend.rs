@@ -23,7 +23,7 @@ use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
 
 use crate::config_space::ConfigSpace;
 use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
-use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT};
+use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, RENDERER_EVENT};
 use crate::EXIT_RENDERER_GONE;
 
 /// How long GET_VRING_BASE waits for a queue's in-flight commands to be answered.
@@ -102,6 +102,11 @@ impl GpuDevice {
     /// The fd the vring worker's epoll loop must watch (as [`MAILBOX_EVENT`]).
     pub fn mailbox_fd(&self) -> std::os::fd::RawFd {
         self.inner.inbox.wake_fd()
+    }
+
+    /// The renderer's doorbell, for the epoll loop to watch (as [`RENDERER_EVENT`]).
+    pub fn renderer_doorbell_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.with_control(|c| c.renderer_doorbell())
     }
 
     /// Runs `f` on the control actor; used once the vring worker is gone (statistics).
@@ -231,6 +236,8 @@ impl VhostUserBackend for GpuDevice {
                 .inbox
                 .drain()
                 .try_for_each(|input| control.handle(input))
+        } else if device_event == RENDERER_EVENT {
+            control.renderer_events()
         } else {
             match vrings.get(device_event as usize) {
                 Some(vring) => control.kick(device_event, vring.clone()),

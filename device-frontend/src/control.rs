@@ -53,10 +53,6 @@ pub enum Input {
     Memory(GuestMem),
     /// The VMM's display socket.
     GpuSocket(GpuBackend),
-    /// A renderer reply or event.
-    Renderer(RendererEvent),
-    /// The renderer's event channel closed.
-    RendererGone,
     /// VHOST_USER_RESET_DEVICE.
     Reset,
     /// VHOST_USER_GET_VRING_BASE: finish the queue's in-flight commands, then let go of
@@ -177,9 +173,6 @@ impl Control {
                 Ok(d) => self.display = Some(d),
                 Err(e) => log::warn!("display socket handshake failed: {e}"),
             },
-            Input::Renderer(RendererEvent::Reply { seq, result }) => self.on_reply(seq, result),
-            Input::Renderer(RendererEvent::FenceSignaled(f)) => self.on_fence(f),
-            Input::RendererGone => return Err(FrontendError::RendererGone),
             Input::Reset => self.reset()?,
             Input::StopQueue { queue, done } => {
                 if let Some(slot) = self.stopping.get_mut(queue as usize) {
@@ -188,6 +181,22 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// The renderer rang its doorbell: take its replies and fence completions.
+    pub fn renderer_events(&mut self) -> Result<(), FrontendError> {
+        for event in self.link.take_events()? {
+            match event {
+                RendererEvent::Reply { seq, result } => self.on_reply(seq, result),
+                RendererEvent::FenceSignaled(f) => self.on_fence(f),
+            }
+        }
+        Ok(())
+    }
+
+    /// The doorbell the event loop must watch.
+    pub fn renderer_doorbell(&self) -> std::os::fd::RawFd {
+        self.link.doorbell_fd()
     }
 
     /// The driver kicked `queue`: take every available command.

@@ -18,7 +18,7 @@ pub mod resources;
 mod sandbox;
 pub mod scanout;
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -31,7 +31,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::GpuDevice;
 use crate::control::Control;
 pub use crate::error::FrontendError;
-use crate::renderer_link::{spawn_event_pump, RendererLink};
+use crate::renderer_link::RendererLink;
 
 /// Exit code of the frontend when the renderer-worker disappears under it.
 pub const EXIT_RENDERER_GONE: i32 = 3;
@@ -48,26 +48,28 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     let (mailbox, inbox) =
         mailbox::mailbox().map_err(|e| FrontendError::Daemon(format!("mailbox: {e}")))?;
     let event_idx = Arc::new(AtomicBool::new(false));
-    let control = Control::new(
-        config.clone(),
-        RendererLink::new(boot.to_renderer, lane),
-        event_idx.clone(),
-    );
-    let device = GpuDevice::new(&config, control, (mailbox.clone(), inbox), event_idx)
+    // SAFETY: as for the lane: the doorbell eventfd was placed at this number for us alone.
+    let doorbell = unsafe { OwnedFd::from_raw_fd(boot.doorbell_fd) };
+    let link = RendererLink::new(boot.to_renderer, boot.from_renderer, doorbell, lane);
+    let control = Control::new(config.clone(), link, event_idx.clone());
+    let device = GpuDevice::new(&config, control, (mailbox, inbox), event_idx)
         .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
     let mut daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device.clone(), mem)
         .map_err(|e| FrontendError::Daemon(e.to_string()))?;
+    let doorbell = device
+        .renderer_doorbell_fd()
+        .ok_or_else(|| FrontendError::Daemon("control actor poisoned".into()))?;
     for handler in daemon.get_epoll_handlers() {
-        handler
-            .register_listener(
-                device.mailbox_fd(),
-                vmm_sys_util::epoll::EventSet::IN,
-                u64::from(mailbox::MAILBOX_EVENT),
-            )
-            .map_err(|e| FrontendError::Daemon(format!("registering the mailbox: {e}")))?;
+        for (fd, event, what) in [
+            (device.mailbox_fd(), mailbox::MAILBOX_EVENT, "mailbox"),
+            (doorbell, mailbox::RENDERER_EVENT, "renderer doorbell"),
+        ] {
+            handler
+                .register_listener(fd, vmm_sys_util::epoll::EventSet::IN, u64::from(event))
+                .map_err(|e| FrontendError::Daemon(format!("registering the {what}: {e}")))?;
+        }
     }
-    spawn_event_pump(boot.from_renderer, mailbox)?;
 
     if config.seccomp {
         sandbox::enter_jail()?;

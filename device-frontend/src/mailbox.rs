@@ -1,8 +1,8 @@
 //! The control actor's mailbox. The actor runs on vhost-user-backend's vring worker thread
-//! (so a queue kick is handled where it lands, without a hop to another thread); everything
-//! else (the VMM's memory table and display socket from the vhost-user thread, renderer
-//! events from the pump thread) is posted here and the worker is woken through an eventfd
-//! registered in its epoll loop.
+//! (so a queue kick is handled where it lands, without a hop to another thread); what the
+//! vhost-user thread learns (memory table, display socket, reset, ring stop) is posted here
+//! and the worker is woken through an eventfd registered in its epoll loop. (Renderer
+//! events do not pass through here: they ring their own doorbell, see `renderer_link`.)
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -15,6 +15,8 @@ use crate::control::Input;
 /// The epoll `data` value of the mailbox's eventfd: above the queue indices and the value
 /// vhost-user-backend reserves for its own exit event.
 pub const MAILBOX_EVENT: u16 = crate::control::NUM_QUEUES as u16 + 1;
+/// The epoll `data` value of the renderer's doorbell.
+pub const RENDERER_EVENT: u16 = MAILBOX_EVENT + 1;
 
 /// Posting side; cheap to clone, usable from any thread.
 #[derive(Clone)]

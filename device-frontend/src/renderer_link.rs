@@ -1,33 +1,48 @@
-//! The frontend's end of the link to the renderer-worker: typed requests on ipc-channel,
-//! fds on the descriptor lane, and a pump thread that turns renderer events into mailbox
-//! messages for the control actor.
+//! The frontend's end of the link to the renderer-worker: typed requests and events on
+//! ipc-channel, fds on the descriptor lane, and the renderer's doorbell.
+//!
+//! The control actor runs in an epoll loop, and an ipc-channel receiver cannot be polled;
+//! so the renderer rings an eventfd (the doorbell) after each event it sends, the loop
+//! watches that, and the actor then takes every event already on the channel without
+//! blocking. No thread sits between the renderer and the actor.
 
-use std::os::fd::BorrowedFd;
-use std::thread::JoinHandle;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, RendererRequest};
 use protocol::lane::{FdTicket, Lane};
 
-use crate::control::Input;
 use crate::error::FrontendError;
-use crate::mailbox::Mailbox;
 
-/// Sends requests to the renderer, numbering them.
+/// Requests out, events in.
 pub struct RendererLink {
     tx: IpcSender<RendererRequest>,
+    rx: IpcReceiver<RendererEvent>,
+    doorbell: OwnedFd,
     lane: Lane,
     next_seq: u64,
 }
 
 impl RendererLink {
-    /// Wraps the request channel and the lane.
-    pub fn new(tx: IpcSender<RendererRequest>, lane: Lane) -> Self {
+    /// Wraps the channels, the doorbell eventfd and the lane.
+    pub fn new(
+        tx: IpcSender<RendererRequest>,
+        rx: IpcReceiver<RendererEvent>,
+        doorbell: OwnedFd,
+        lane: Lane,
+    ) -> Self {
         RendererLink {
             tx,
+            rx,
+            doorbell,
             lane,
             next_seq: 1,
         }
+    }
+
+    /// The doorbell, for the event loop to watch.
+    pub fn doorbell_fd(&self) -> RawFd {
+        self.doorbell.as_raw_fd()
     }
 
     /// Puts `fds` on the lane; the returned ticket goes into the op that uses them.
@@ -44,28 +59,27 @@ impl RendererLink {
             .map_err(|e| FrontendError::RendererSend(e.to_string()))?;
         Ok(seq)
     }
-}
 
-/// Forwards renderer events into the control actor's mailbox until the renderer hangs up.
-pub fn spawn_event_pump(
-    rx: IpcReceiver<RendererEvent>,
-    mailbox: Mailbox,
-) -> Result<JoinHandle<()>, FrontendError> {
-    std::thread::Builder::new()
-        .name("renderer-events".into())
-        .spawn(move || loop {
-            match rx.recv() {
-                Ok(event) => {
-                    if !mailbox.post(Input::Renderer(event)) {
-                        return;
+    /// Every event the renderer has sent so far, after the doorbell rang. An Err means the
+    /// renderer is gone (or sent something that is not an event).
+    pub fn take_events(&mut self) -> Result<Vec<RendererEvent>, FrontendError> {
+        // Silence the bell before reading: an event sent after this read rings it again.
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(&self.doorbell, &mut buf);
+        let mut events = Vec::new();
+        loop {
+            match self.rx.try_recv() {
+                Ok(event) => events.push(event),
+                Err(ipc_channel::TryRecvError::Empty) => return Ok(events),
+                Err(ipc_channel::TryRecvError::IpcError(e)) => {
+                    log::debug!("renderer event channel: {e:?}");
+                    if events.is_empty() {
+                        return Err(FrontendError::RendererGone);
                     }
-                }
-                Err(e) => {
-                    log::debug!("renderer event channel closed: {e:?}");
-                    mailbox.post(Input::RendererGone);
-                    return;
+                    // Handle what did arrive; the next ring (or the broker) ends us.
+                    return Ok(events);
                 }
             }
-        })
-        .map_err(|e| FrontendError::Thread("renderer-events", e))
+        }
+    }
 }

@@ -19,6 +19,10 @@ pub const BOOTSTRAP_FLAG: &str = "--internal-bootstrap";
 pub const LANE_FD: i32 = 3;
 /// The fd number at which the frontend inherits the vhost-user listening socket.
 pub const LISTENER_FD: i32 = 4;
+/// The fd number at which both children inherit the renderer's doorbell: an eventfd the
+/// renderer increments after each event it sends, so the frontend's event loop (which
+/// cannot poll an ipc-channel receiver) knows when to read the events channel.
+pub const DOORBELL_FD: i32 = 5;
 
 /// The process roles below the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +89,8 @@ pub struct FrontendBootstrap {
     pub lane_fd: i32,
     /// Inherited fd number of the vhost-user listening socket.
     pub listener_fd: i32,
+    /// Inherited fd number of the renderer's doorbell (read side).
+    pub doorbell_fd: i32,
 }
 
 /// The bootstrap of the renderer-worker.
@@ -100,6 +106,8 @@ pub struct RendererBootstrap {
     pub to_broker: IpcSender<ChildStatus>,
     /// Inherited fd number of the descriptor lane to the frontend.
     pub lane_fd: i32,
+    /// Inherited fd number of the doorbell (write side).
+    pub doorbell_fd: i32,
 }
 
 /// What the broker answers a [`ChildHello`] with.

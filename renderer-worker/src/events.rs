@@ -1,6 +1,7 @@
 //! The sending side of the events channel, shared by the executor (replies) and the
 //! renderer's fence callback (fence completions), which may run on another thread.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use ipc_channel::ipc::IpcSender;
@@ -13,6 +14,7 @@ use protocol::ipc::{FenceInfo, RendererEvent};
 #[derive(Clone, Debug)]
 pub struct EventSink {
     sender: Arc<Mutex<IpcSender<RendererEvent>>>,
+    doorbell: Option<Arc<OwnedFd>>,
 }
 
 /// The frontend is gone: the events channel could not take a message.
@@ -25,6 +27,16 @@ impl EventSink {
     pub fn new(sender: IpcSender<RendererEvent>) -> Self {
         EventSink {
             sender: Arc::new(Mutex::new(sender)),
+            doorbell: None,
+        }
+    }
+
+    /// Also rings `doorbell` (an eventfd) after every event, so the frontend's event loop
+    /// knows there is something to read on the channel.
+    pub fn with_doorbell(sender: IpcSender<RendererEvent>, doorbell: OwnedFd) -> Self {
+        EventSink {
+            sender: Arc::new(Mutex::new(sender)),
+            doorbell: Some(Arc::new(doorbell)),
         }
     }
 
@@ -33,7 +45,17 @@ impl EventSink {
         // A poisoned lock only means another sender panicked mid-send; the sender itself
         // holds no invariant we could break, so keep using it.
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-        sender.send(event).map_err(|e| SinkClosed(e.to_string()))
+        sender.send(event).map_err(|e| SinkClosed(e.to_string()))?;
+        // After the send, never before: the frontend reads the channel when it hears the
+        // bell, so the event must already be there. EAGAIN (the counter is saturated) means
+        // the frontend has a wake-up pending anyway.
+        if let Some(bell) = &self.doorbell {
+            match nix::unistd::write(bell.as_ref(), &1u64.to_ne_bytes()) {
+                Ok(_) | Err(nix::Error::EAGAIN) => {}
+                Err(e) => return Err(SinkClosed(format!("doorbell: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// A fence callback for a renderer backend: reports each completed fence.

@@ -44,6 +44,7 @@ pub fn run(boot: RendererBootstrap) -> Result<(), RendererError> {
         events,
         to_broker,
         lane_fd,
+        doorbell_fd,
     } = boot;
     if lane_fd < 0 {
         return Err(RendererError::Bootstrap(format!("lane fd {lane_fd}")));
@@ -52,7 +53,16 @@ pub fn run(boot: RendererBootstrap) -> Result<(), RendererError> {
     // else in this process opens, wraps or closes that number; `Lane` becomes its sole
     // owner here, once.
     let lane = unsafe { Lane::from_raw_fd(lane_fd) };
-    let events = EventSink::new(events);
+    if doorbell_fd < 0 {
+        return Err(RendererError::Bootstrap(format!(
+            "doorbell fd {doorbell_fd}"
+        )));
+    }
+    // SAFETY: as for the lane: the broker placed the doorbell eventfd at this number for
+    // this process, and only this `OwnedFd` ever owns it.
+    let doorbell =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(doorbell_fd) };
+    let events = EventSink::with_doorbell(events, doorbell);
     let renderer =
         Rutabaga2d::new(config.limits, events.fence_callback()).map_err(RendererError::Init)?;
     log::info!("renderer built (rutabaga 2D)");

@@ -68,6 +68,12 @@ fn run_serves_requests_under_seccomp() {
     let (ours, theirs) = Lane::pair().unwrap();
     // The child inherits its lane end at the same number.
     fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    // And the doorbell: the same eventfd in both processes, so this test can hear it.
+    // SAFETY: eventfd has no memory arguments; the result is checked and then owned.
+    let bell = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+    assert!(bell >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: `bell` is a fresh fd that nothing else owns.
+    let bell = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(bell) };
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, name)
@@ -91,6 +97,7 @@ fn run_serves_requests_under_seccomp() {
             events: ev_tx,
             to_broker: st_tx,
             lane_fd,
+            doorbell_fd: bell.as_raw_fd(),
         })
         .unwrap();
     match st_rx.try_recv_timeout(WAIT) {
@@ -201,6 +208,12 @@ fn run_serves_requests_under_seccomp() {
         other => panic!("expected a cursor image, got {other:?}"),
     }
     call(RendererOp::Reset, None);
+
+    // Every event rang the doorbell: the counter holds one ring per event (at least the
+    // replies above), which is what wakes the frontend's event loop.
+    let mut rings = [0u8; 8];
+    nix::unistd::read(&bell, &mut rings).expect("the doorbell was never rung");
+    assert!(u64::from_ne_bytes(rings) >= 5, "too few doorbell rings");
 
     drop(req_tx);
     let status = bounded("the child's exit", move || child.wait().unwrap());
