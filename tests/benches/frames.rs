@@ -358,16 +358,6 @@ fn ok(what: &str, r: &Response) -> BenchResult<()> {
     }
 }
 
-/// FNV-1a 64, the hash the test VMM's display peer records for each UPDATE payload.
-fn fnv1a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// One repetition's figures for one backend.
 #[derive(Clone, Debug, Default)]
 struct Sample {
@@ -737,7 +727,7 @@ fn main() {
     let patterns: Vec<(Vec<u8>, u64)> = (0..PATTERNS)
         .map(|f| {
             let p = pattern(w, h, f * 17 + 1);
-            let hash = fnv1a(&p);
+            let hash = vgpu_tests::display::payload_hash(&p);
             (p, hash)
         })
         .collect();
@@ -747,7 +737,7 @@ fn main() {
         let mut fb = vec![0u8; patterns[0].0.len()];
         let t = Instant::now();
         for (p, _) in &patterns {
-            std::hint::black_box(fnv1a(p));
+            std::hint::black_box(vgpu_tests::display::payload_hash(p));
             fb.copy_from_slice(p);
         }
         std::hint::black_box(&fb);
@@ -919,7 +909,7 @@ fn main() {
         }
     }
     println!(
-        "test-VMM display peer, per full frame (FNV-1a hash + framebuffer copy, in every \
+        "test-VMM display peer, per full frame (payload hash + framebuffer copy, in every \
          backend's frame time): {} us",
         fmt(harness)
     );
