@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Most host memory all guest resources together may use, in MiB.
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_resource_memory: Option<u64>,
+    /// Offer blobs and contexts with a host-visible memory region of this size (bytes,
+    /// or with a K, M or G suffix; page aligned), mapped through the VMM with
+    /// VHOST_USER_BACKEND_SHMEM_MAP.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub hostmem: Option<u64>,
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = crate::logger::parse_level)]
     pub log_level: LevelFilter,
@@ -67,6 +72,27 @@ pub struct DemoArgs {
     /// Output size.
     #[arg(long, value_name = "WxH", default_value = "640x480", value_parser = parse_output)]
     pub output: OutputConfig,
+}
+
+/// Parses a byte size with an optional K, M or G suffix (powers of 1024), page aligned.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 256M)"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| (1..=protocol::config::MAX_HOSTMEM).contains(b))
+        .ok_or_else(|| format!("'{s}': the size must be 4K..=64G"))?;
+    if bytes % 4096 != 0 {
+        return Err(format!("'{s}': the size must be a multiple of 4K"));
+    }
+    Ok(bytes)
 }
 
 /// Parses `WIDTHxHEIGHT`.
@@ -104,6 +130,10 @@ impl ServeArgs {
             config.display_from_vmm = false;
         }
         config.edid = !self.no_edid;
+        config.hostmem = self.hostmem;
+        if self.hostmem.is_some() {
+            config.num_capsets = renderer_worker::NUM_CAPSETS;
+        }
         if let Some(mib) = self.max_resource_memory {
             config.limits = Limits {
                 max_resource_bytes: mib << 20,
@@ -146,6 +176,25 @@ mod tests {
             "",
         ] {
             assert!(parse_output(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_reject() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        for bad in [
+            "",
+            "M",
+            "0",
+            "100",
+            "65G",
+            "-1M",
+            "1.5G",
+            "99999999999999999999G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad} should be refused");
         }
     }
 

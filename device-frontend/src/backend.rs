@@ -8,7 +8,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserShMemConfig};
+use vhost::vhost_user::Backend;
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
@@ -19,11 +20,14 @@ use vmm_sys_util::event::{
 };
 
 use protocol::config::DeviceConfig;
-use protocol::virtio_gpu::VIRTIO_GPU_F_EDID;
+use protocol::virtio_gpu::{
+    VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB,
+};
 
 use crate::config_space::ConfigSpace;
 use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
 use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, RENDERER_EVENT};
+use crate::vmm_requests::{VmmRequests, HOSTMEM_SHMID};
 use crate::EXIT_RENDERER_GONE;
 
 /// How long GET_VRING_BASE waits for a queue's in-flight commands to be answered.
@@ -49,6 +53,8 @@ struct Inner {
     features: u64,
     config: Mutex<ConfigSpace>,
     event_idx: Arc<AtomicBool>,
+    /// Size of the host-visible region, when blobs are on.
+    hostmem: Option<u64>,
     /// Wakes the vring worker thread to exit: vhost-user-backend joins it when the daemon is
     /// dropped, so without an exit event the frontend would hang on its way out.
     exit: (EventConsumer, EventNotifier),
@@ -75,6 +81,9 @@ impl GpuDevice {
         if config.edid {
             features |= 1u64 << VIRTIO_GPU_F_EDID;
         }
+        if config.hostmem.is_some() {
+            features |= (1u64 << VIRTIO_GPU_F_RESOURCE_BLOB) | (1u64 << VIRTIO_GPU_F_CONTEXT_INIT);
+        }
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         Ok(GpuDevice {
             inner: Arc::new(Inner {
@@ -85,9 +94,14 @@ impl GpuDevice {
                 config: Mutex::new(ConfigSpace {
                     events_read: 0,
                     num_scanouts: config.outputs.len() as u32,
-                    num_capsets: 0,
+                    num_capsets: if config.hostmem.is_some() {
+                        config.num_capsets
+                    } else {
+                        0
+                    },
                 }),
                 event_idx,
+                hostmem: config.hostmem,
                 exit,
             }),
         })
@@ -138,9 +152,15 @@ impl VhostUserBackend for GpuDevice {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // RESET_DEVICE: a guest reset must drop resources, and only this message tells a
         // virtio reset apart from the VMM merely stopping the rings (a paused VM).
-        VhostUserProtocolFeatures::CONFIG
+        let base = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        if self.inner.hostmem.is_some() {
+            // Blobs are mapped by the VMM on request over the backend channel.
+            base | VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::SHMEM
+        } else {
+            base
+        }
     }
 
     fn reset_device(&self) {
@@ -176,6 +196,26 @@ impl VhostUserBackend for GpuDevice {
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         self.send(Input::Memory(mem));
         Ok(())
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        let Some(size) = self.inner.hostmem else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no host-visible region (start with --hostmem)",
+            ));
+        };
+        // Regions are indexed by shmid; virtio-gpu's host-visible region is shmid 1.
+        let mut sizes = vec![0u64; usize::from(HOSTMEM_SHMID) + 1];
+        sizes[usize::from(HOSTMEM_SHMID)] = size;
+        Ok(VhostUserShMemConfig::new(sizes.len() as u32, &sizes))
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        match VmmRequests::start(backend, self.inner.mailbox.clone()) {
+            Ok((vmm, _thread)) => self.send(Input::VmmChannel(vmm)),
+            Err(e) => log::error!("starting the VMM request thread failed: {e}"),
+        }
     }
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
@@ -248,13 +288,12 @@ impl VhostUserBackend for GpuDevice {
                 }
             }
         };
-        if let Err(e) = result {
+        if let Err(e) = result.and_then(|()| control.settle()) {
             // The device cannot go on without its renderer; the broker reports this exit
             // code and tears the rest down.
             log::error!("control actor stopped: {e}");
             std::process::exit(EXIT_RENDERER_GONE);
         }
-        control.settle();
         Ok(())
     }
 }

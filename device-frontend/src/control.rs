@@ -55,6 +55,15 @@ pub enum Input {
     GpuSocket(GpuBackend),
     /// VHOST_USER_RESET_DEVICE.
     Reset,
+    /// The VMM answered a SHMEM_MAP / SHMEM_UNMAP request.
+    Vmm {
+        /// The blob.
+        resource_id: u32,
+        /// What it answered.
+        ack: crate::vmm_requests::VmmAck,
+    },
+    /// The VMM's backend request channel is up (VHOST_USER_SET_BACKEND_REQ_FD).
+    VmmChannel(crate::vmm_requests::VmmRequests),
     /// VHOST_USER_GET_VRING_BASE: finish the queue's in-flight commands, then let go of
     /// the ring and say so on `done`. The VMM takes the ring's index as final, so a
     /// command popped but not answered here would never be answered at all.
@@ -85,6 +94,16 @@ pub(crate) enum After {
         pos: (u32, u32, u32),
         hot: (u32, u32),
     },
+    /// The reply's body is the guest's response (capset info, capset bytes).
+    Respond,
+    /// CREATE_BLOB failed in the renderer: forget the blob again.
+    BlobCreated { resource_id: u32 },
+    /// The renderer answered `Map`.
+    BlobMap { resource_id: u32 },
+    /// The renderer answered `Unmap`.
+    BlobUnmap { resource_id: u32 },
+    /// The renderer answered `Finalize`.
+    BlobFinalize { resource_id: u32 },
 }
 
 struct PendingReply {
@@ -102,11 +121,19 @@ pub(crate) struct Entry {
     replies_left: u32,
     fence: Option<FenceInfo>,
     fence_done: bool,
+    /// Suspended on a blob's mapping state machine (map answer or unmap completion).
+    pub(crate) waiting_on: Option<crate::blobs::Wait>,
 }
 
 impl Entry {
+    pub(crate) fn set_response(&mut self, response: Response) {
+        self.response = response;
+    }
+
     fn ready(&self) -> bool {
-        self.replies_left == 0 && (self.fence.is_none() || self.fence_done)
+        self.replies_left == 0
+            && (self.fence.is_none() || self.fence_done)
+            && self.waiting_on.is_none()
     }
 }
 
@@ -120,13 +147,18 @@ pub struct Control {
     pub(crate) mem: Option<GuestMem>,
     vrings: [Option<VringRwLock>; NUM_QUEUES],
     stopping: [Option<crossbeam_channel::Sender<()>>; NUM_QUEUES],
-    fifos: [VecDeque<Entry>; NUM_QUEUES],
+    pub(crate) fifos: [VecDeque<Entry>; NUM_QUEUES],
+    /// The control queue had work left when it was blocked on a blob: drain it again once
+    /// unblocked (the driver will not kick for what it already queued).
+    control_deferred: bool,
     pending: HashMap<u64, PendingReply>,
     next_entry_id: u64,
     /// The entry being executed right now, so `request` can charge replies to it.
-    current: Option<(usize, u64)>,
+    pub(crate) current: Option<(usize, u64)>,
     event_idx: Arc<AtomicBool>,
     pub(crate) stats: Stats,
+    /// Blobs, contexts, the host-visible window and the VMM request thread.
+    pub(crate) blobs: crate::blobs::Blobs,
 }
 
 /// Counters for the log at shutdown.
@@ -156,11 +188,13 @@ impl Control {
             vrings: [None, None],
             stopping: [None, None],
             fifos: [VecDeque::new(), VecDeque::new()],
+            control_deferred: false,
             pending: HashMap::new(),
             next_entry_id: 1,
             current: None,
             event_idx,
             stats: Stats::default(),
+            blobs: crate::blobs::Blobs::default(),
         }
     }
 
@@ -174,6 +208,8 @@ impl Control {
                 Err(e) => log::warn!("display socket handshake failed: {e}"),
             },
             Input::Reset => self.reset()?,
+            Input::Vmm { resource_id, ack } => self.on_vmm_ack(resource_id, ack)?,
+            Input::VmmChannel(vmm) => self.set_vmm_channel(vmm),
             Input::StopQueue { queue, done } => {
                 if let Some(slot) = self.stopping.get_mut(queue as usize) {
                     *slot = Some(done);
@@ -210,11 +246,19 @@ impl Control {
 
     /// Answers whatever has become answerable and releases stopped queues; called after
     /// every batch of inputs.
-    pub fn settle(&mut self) {
+    pub fn settle(&mut self) -> Result<(), FrontendError> {
+        let control = CONTROL_QUEUE as usize;
+        // Answering may unblock the control queue, and draining it may answer more.
+        while self.control_deferred && !self.control_blocked() {
+            self.control_deferred = false;
+            self.complete_ready(control);
+            self.drain_queue(control)?;
+        }
         for q in 0..NUM_QUEUES {
             self.complete_ready(q);
             self.release_if_stopped(q);
         }
+        Ok(())
     }
 
     /// Counters so far.
@@ -269,7 +313,29 @@ impl Control {
         for fifo in &mut self.fifos {
             fifo.clear();
         }
-        self.pending.retain(|_, p| p.entry.is_none());
+        self.current = None;
+        // Replies that drive a blob's state machine still matter (the unmaps the reset
+        // waits for depend on them); they just answer nobody now. Any other reply of the
+        // old device is dropped.
+        self.pending.retain(|_, p| {
+            p.entry = None;
+            matches!(
+                p.after,
+                After::Nothing
+                    | After::BlobMap { .. }
+                    | After::BlobUnmap { .. }
+                    | After::BlobFinalize { .. }
+            )
+        });
+        if self.reset_blobs()? {
+            // Finished by the last unmap's completion (`finish_reset`).
+            return Ok(());
+        }
+        self.finish_reset()
+    }
+
+    /// The rest of a device reset, once no blob is in the host-visible window.
+    pub(crate) fn finish_reset(&mut self) -> Result<(), FrontendError> {
         self.resources.clear();
         for (id, s) in self.scanouts.iter_mut().enumerate() {
             if s.is_enabled() {
@@ -326,6 +392,10 @@ impl Control {
                 }
             }
             loop {
+                if q == CONTROL_QUEUE as usize && self.control_blocked() {
+                    self.control_deferred = true;
+                    return Ok(());
+                }
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
@@ -360,6 +430,7 @@ impl Control {
             replies_left: 0,
             fence: None,
             fence_done: false,
+            waiting_on: None,
         });
         let queue = if q == CONTROL_QUEUE as usize {
             Queue::Control
@@ -368,7 +439,12 @@ impl Control {
         };
         let outcome = match bytes {
             Ok(bytes) => {
-                match crate::decode::decode(queue, &bytes, self.config.limits.max_backing_entries) {
+                let limits = crate::decode::DecodeLimits {
+                    max_backing_entries: self.config.limits.max_backing_entries,
+                    // TODO: take max_submit_bytes from the per-VM limits in config.
+                    max_submit_bytes: crate::decode::DEFAULT_MAX_SUBMIT_BYTES,
+                };
+                match crate::decode::decode(queue, &bytes, limits) {
                     Ok(req) => {
                         self.set_current_hdr(q, id, Some(req.hdr));
                         self.current = Some((q, id));
@@ -401,7 +477,7 @@ impl Control {
         (32 + 16 * self.config.limits.max_backing_entries as usize).max(4096)
     }
 
-    fn entry_mut(&mut self, q: usize, id: u64) -> Option<&mut Entry> {
+    pub(crate) fn entry_mut(&mut self, q: usize, id: u64) -> Option<&mut Entry> {
         self.fifos[q].iter_mut().rev().find(|e| e.id == id)
     }
 
@@ -411,7 +487,7 @@ impl Control {
         }
     }
 
-    fn set_response(&mut self, q: usize, id: u64, response: Response) {
+    pub(crate) fn set_response(&mut self, q: usize, id: u64, response: Response) {
         if let Some(e) = self.entry_mut(q, id) {
             e.response = response;
         }
@@ -433,10 +509,18 @@ impl Control {
         if let Some((q, id)) = p.entry {
             if let Some(e) = self.entry_mut(q, id) {
                 e.replies_left = e.replies_left.saturating_sub(1);
-                if let Err(code) = outcome {
-                    if !matches!(e.response, Response::Err(_)) {
-                        e.response = Response::Err(code);
+                match outcome {
+                    Err(code) => {
+                        if !matches!(e.response, Response::Err(_)) {
+                            e.response = Response::Err(code);
+                        }
                     }
+                    Ok(Some(response)) => {
+                        if !matches!(e.response, Response::Err(_)) {
+                            e.response = response;
+                        }
+                    }
+                    Ok(None) => {}
                 }
             }
         }

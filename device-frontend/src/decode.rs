@@ -15,6 +15,21 @@ use protocol::ipc::BackingEntry;
 use protocol::virtio_gpu::*;
 use thiserror::Error;
 
+/// The default bound on SUBMIT_3D's command stream, in bytes.
+pub const DEFAULT_MAX_SUBMIT_BYTES: u32 = 1 << 20;
+
+/// The bounds the decoder enforces before it allocates anything for a request, so a
+/// request can make the decoder allocate at most what these allow and its own bytes hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Most memory entries in RESOURCE_ATTACH_BACKING and RESOURCE_CREATE_BLOB; also
+    /// bounds TRANSFER_TO_HOST_2D's offset (no backing can be longer than this many
+    /// entries of u32::MAX bytes).
+    pub max_backing_entries: u32,
+    /// Most bytes of commands in one SUBMIT_3D.
+    pub max_submit_bytes: u32,
+}
+
 /// The virtqueue a request arrived on; each accepts only its own commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Queue {
@@ -117,19 +132,19 @@ pub enum DecodeErrorKind {
         /// Largest possible backing size.
         max: u64,
     },
-    /// ATTACH_BACKING with more entries than allowed.
-    #[error("attach backing with {n} entries, at most {max} are allowed")]
+    /// ATTACH_BACKING or CREATE_BLOB with more memory entries than allowed.
+    #[error("{n} memory entries, at most {max} are allowed")]
     TooManyEntries {
         /// Entries claimed by the request.
         n: u32,
         /// Configured maximum.
         max: u32,
     },
-    /// ATTACH_BACKING with no entries.
-    #[error("attach backing without any memory entry")]
+    /// ATTACH_BACKING, or CREATE_BLOB of guest-backed memory, with no entries.
+    #[error("guest backing without any memory entry")]
     NoEntries,
-    /// ATTACH_BACKING whose bytes end before its entries do.
-    #[error("attach backing claims {n} entries ({need} bytes) but the request has {got} bytes")]
+    /// ATTACH_BACKING or CREATE_BLOB whose bytes end before its entries do.
+    #[error("request claims {n} memory entries ({need} bytes) but has {got} bytes")]
     TruncatedEntries {
         /// Entries claimed by the request.
         n: u32,
@@ -148,6 +163,49 @@ pub enum DecodeErrorKind {
         /// Its length.
         length: u32,
     },
+    /// Context id 0 in the header of a command that needs a context.
+    #[error("{} needs a non-zero context id", cmd_label(*.cmd))]
+    ZeroContextId {
+        /// Command type.
+        cmd: u32,
+    },
+    /// CTX_CREATE whose `nlen` exceeds the 64-byte debug name.
+    #[error("context name length {nlen} exceeds {VIRTIO_GPU_CTX_DEBUG_NAME_SIZE} bytes")]
+    NameTooLong {
+        /// The `nlen` field.
+        nlen: u32,
+    },
+    /// SUBMIT_3D with a command stream larger than allowed.
+    #[error("SUBMIT_3D of {size} bytes, at most {max} are allowed")]
+    SubmitTooLarge {
+        /// The `size` field.
+        size: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// CREATE_BLOB with a `blob_mem` the spec does not define.
+    #[error("unknown blob_mem {0}")]
+    InvalidBlobMem(u32),
+    /// CREATE_BLOB with flag bits the spec does not define.
+    #[error("blob flags {0:#x} have bits outside MAPPABLE|SHAREABLE|CROSS_DEVICE")]
+    InvalidBlobFlags(u32),
+    /// CREATE_BLOB of size 0.
+    #[error("blob of size 0")]
+    ZeroBlobSize,
+    /// CREATE_BLOB of host-only memory that still lists guest memory entries.
+    #[error("HOST3D blob with {n} memory entries, it must have none")]
+    UnexpectedEntries {
+        /// The `nr_entries` field.
+        n: u32,
+    },
+    /// CREATE_BLOB of guest-backed memory larger than its entries.
+    #[error("blob of {size} bytes is larger than its {backing}-byte guest backing")]
+    BlobLargerThanBacking {
+        /// The `size` field.
+        size: u64,
+        /// Sum of the entries' lengths.
+        backing: u64,
+    },
 }
 
 impl DecodeErrorKind {
@@ -161,8 +219,16 @@ impl DecodeErrorKind {
             | WrongQueue { .. }
             | Unsupported(_) => ErrorCode::Unspec,
             ZeroResourceId { .. } => ErrorCode::InvalidResourceId,
+            ZeroContextId { .. } => ErrorCode::InvalidContextId,
             InvalidScanoutId(_) => ErrorCode::InvalidScanoutId,
-            InvalidFormat(_)
+            NameTooLong { .. }
+            | SubmitTooLarge { .. }
+            | InvalidBlobMem(_)
+            | InvalidBlobFlags(_)
+            | ZeroBlobSize
+            | UnexpectedEntries { .. }
+            | BlobLargerThanBacking { .. }
+            | InvalidFormat(_)
             | ZeroSize { .. }
             | RectOverflow(_)
             | BadOffset { .. }
@@ -233,11 +299,8 @@ fn classify(cmd: u32) -> Option<Class> {
         | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D
         | VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING
         | VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING
-        | VIRTIO_GPU_CMD_GET_EDID => Class::Supported(Queue::Control),
-        VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => {
-            Class::Supported(Queue::Cursor)
-        }
-        VIRTIO_GPU_CMD_GET_CAPSET_INFO
+        | VIRTIO_GPU_CMD_GET_EDID
+        | VIRTIO_GPU_CMD_GET_CAPSET_INFO
         | VIRTIO_GPU_CMD_GET_CAPSET
         | VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID
         | VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB
@@ -246,12 +309,15 @@ fn classify(cmd: u32) -> Option<Class> {
         | VIRTIO_GPU_CMD_CTX_DESTROY
         | VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE
         | VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE
-        | VIRTIO_GPU_CMD_RESOURCE_CREATE_3D
-        | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D
-        | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D
         | VIRTIO_GPU_CMD_SUBMIT_3D
         | VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB
-        | VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => Class::Unsupported,
+        | VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => Class::Supported(Queue::Control),
+        VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => {
+            Class::Supported(Queue::Cursor)
+        }
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_3D
+        | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D
+        | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => Class::Unsupported,
         _ => return None,
     })
 }
@@ -268,6 +334,19 @@ fn struct_size(cmd: u32) -> usize {
         VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => RESOURCE_ATTACH_BACKING_SIZE,
         VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => RESOURCE_DETACH_BACKING_SIZE,
         VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => UPDATE_CURSOR_SIZE,
+        VIRTIO_GPU_CMD_GET_CAPSET_INFO => GET_CAPSET_INFO_SIZE,
+        VIRTIO_GPU_CMD_GET_CAPSET => GET_CAPSET_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID => RESOURCE_ASSIGN_UUID_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => RESOURCE_CREATE_BLOB_SIZE,
+        VIRTIO_GPU_CMD_SET_SCANOUT_BLOB => SET_SCANOUT_BLOB_SIZE,
+        VIRTIO_GPU_CMD_CTX_CREATE => CTX_CREATE_SIZE,
+        VIRTIO_GPU_CMD_CTX_DESTROY => CTX_DESTROY_SIZE,
+        VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE | VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE => {
+            CTX_RESOURCE_SIZE
+        }
+        VIRTIO_GPU_CMD_SUBMIT_3D => CMD_SUBMIT_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => RESOURCE_MAP_BLOB_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => RESOURCE_UNMAP_BLOB_SIZE,
         _ => CTRL_HDR_SIZE,
     }
 }
@@ -313,6 +392,14 @@ impl Fields<'_> {
         }
     }
 
+    /// The header's context id, which must not be 0.
+    fn ctx_id(&self, hdr: &CtrlHeader) -> Result<u32, DecodeErrorKind> {
+        match hdr.ctx_id {
+            0 => Err(DecodeErrorKind::ZeroContextId { cmd: self.cmd }),
+            id => Ok(id),
+        }
+    }
+
     fn scanout_id(&self, off: usize) -> Result<u32, DecodeErrorKind> {
         match self.u32(off)? {
             id if id >= VIRTIO_GPU_MAX_SCANOUTS => Err(DecodeErrorKind::InvalidScanoutId(id)),
@@ -333,19 +420,15 @@ impl Fields<'_> {
 /// Decodes and statically validates one request.
 ///
 /// `bytes` are all the device-readable bytes of the descriptor chain, gathered in
-/// order. `max_backing_entries` bounds RESOURCE_ATTACH_BACKING's `nr_entries`; it is
-/// checked before anything is allocated, so a request can make the decoder allocate at
-/// most what its own bytes hold.
-pub fn decode(
-    queue: Queue,
-    bytes: &[u8],
-    max_backing_entries: u32,
-) -> Result<Request, DecodeError> {
+/// order. `limits` bound the memory entry counts and SUBMIT_3D's size; they are checked
+/// before anything is allocated, so a request can make the decoder allocate at most
+/// what its own bytes hold.
+pub fn decode(queue: Queue, bytes: &[u8], limits: DecodeLimits) -> Result<Request, DecodeError> {
     let hdr = CtrlHeader::from_bytes(bytes).ok_or(DecodeError {
         hdr: None,
         kind: DecodeErrorKind::ShortHeader { len: bytes.len() },
     })?;
-    decode_body(queue, hdr, bytes, max_backing_entries)
+    decode_body(queue, hdr, bytes, limits)
         .map(|cmd| Request { hdr, cmd })
         .map_err(|kind| DecodeError {
             hdr: Some(hdr),
@@ -357,8 +440,9 @@ fn decode_body(
     queue: Queue,
     hdr: CtrlHeader,
     b: &[u8],
-    max_backing_entries: u32,
+    limits: DecodeLimits,
 ) -> Result<Command, DecodeErrorKind> {
+    let max_backing_entries = limits.max_backing_entries;
     use DecodeErrorKind as E;
     let cmd = hdr.type_;
     let class = classify(cmd).ok_or(E::UnknownCommand(cmd))?;
@@ -442,7 +526,7 @@ fn decode_body(
             let n = f.u32(h + 4)?;
             Command::ResourceAttachBacking {
                 resource_id,
-                entries: decode_entries(b, n, max_backing_entries)?,
+                entries: decode_entries(b, RESOURCE_ATTACH_BACKING_SIZE, n, max_backing_entries)?,
             }
         }
         VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => Command::ResourceDetachBacking {
@@ -458,12 +542,161 @@ fn decode_body(
         VIRTIO_GPU_CMD_MOVE_CURSOR => Command::MoveCursor {
             pos: f.cursor_pos()?,
         },
+        VIRTIO_GPU_CMD_GET_CAPSET_INFO => Command::GetCapsetInfo {
+            capset_index: f.u32(h)?,
+        },
+        VIRTIO_GPU_CMD_GET_CAPSET => Command::GetCapset {
+            capset_id: f.u32(h)?,
+            capset_version: f.u32(h + 4)?,
+        },
+        VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID => Command::ResourceAssignUuid {
+            resource_id: f.resource_id(h)?,
+        },
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => decode_create_blob(&f, &hdr, max_backing_entries)?,
+        VIRTIO_GPU_CMD_SET_SCANOUT_BLOB => {
+            let rect = f.rect(h)?;
+            let scanout_id = f.scanout_id(h + 16)?;
+            // resource_id 0 disables the scanout, as with SET_SCANOUT.
+            let resource_id = f.u32(h + 20)?;
+            let (width, height) = (f.u32(h + 24)?, f.u32(h + 28)?);
+            let raw_format = f.u32(h + 32)?;
+            let format = Format::from_u32(raw_format).ok_or(E::InvalidFormat(raw_format))?;
+            let mut strides = [0u32; 4];
+            let mut offsets = [0u32; 4];
+            for (i, (s, o)) in strides.iter_mut().zip(offsets.iter_mut()).enumerate() {
+                *s = f.u32(h + 40 + 4 * i)?;
+                *o = f.u32(h + 56 + 4 * i)?;
+            }
+            Command::SetScanoutBlob {
+                scanout_id,
+                resource_id,
+                rect,
+                width,
+                height,
+                format,
+                strides,
+                offsets,
+            }
+        }
+        VIRTIO_GPU_CMD_CTX_CREATE => {
+            f.ctx_id(&hdr)?;
+            let nlen = f.u32(h)?;
+            let context_init = f.u32(h + 4)?;
+            let name = usize::try_from(nlen)
+                .ok()
+                .filter(|&n| n <= VIRTIO_GPU_CTX_DEBUG_NAME_SIZE)
+                .and_then(|n| b.get(h + 8..h + 8 + n))
+                .ok_or(E::NameTooLong { nlen })?;
+            Command::CtxCreate {
+                context_init,
+                name: name.to_vec(),
+            }
+        }
+        VIRTIO_GPU_CMD_CTX_DESTROY => {
+            f.ctx_id(&hdr)?;
+            Command::CtxDestroy
+        }
+        VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE => {
+            f.ctx_id(&hdr)?;
+            Command::CtxAttachResource {
+                resource_id: f.resource_id(h)?,
+            }
+        }
+        VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE => {
+            f.ctx_id(&hdr)?;
+            Command::CtxDetachResource {
+                resource_id: f.resource_id(h)?,
+            }
+        }
+        VIRTIO_GPU_CMD_SUBMIT_3D => {
+            f.ctx_id(&hdr)?;
+            let size = f.u32(h)?;
+            let max = limits.max_submit_bytes;
+            if size > max {
+                return Err(E::SubmitTooLarge { size, max });
+            }
+            let short = |need| E::ShortBody {
+                cmd,
+                need,
+                got: b.len(),
+            };
+            let need = usize::try_from(size)
+                .ok()
+                .and_then(|s| s.checked_add(CMD_SUBMIT_SIZE))
+                .ok_or_else(|| short(usize::MAX))?;
+            // Bounded by max and by the bytes present.
+            let commands = b.get(CMD_SUBMIT_SIZE..need).ok_or_else(|| short(need))?;
+            Command::Submit3d {
+                commands: commands.to_vec(),
+            }
+        }
+        VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => Command::ResourceMapBlob {
+            resource_id: f.resource_id(h)?,
+            offset: f.u64(h + 8)?,
+        },
+        VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => Command::ResourceUnmapBlob {
+            resource_id: f.resource_id(h)?,
+        },
         // classify() and this match list the same supported commands.
         _ => return Err(E::Unsupported(cmd)),
     })
 }
 
-fn decode_entries(b: &[u8], n: u32, max: u32) -> Result<Vec<BackingEntry>, DecodeErrorKind> {
+/// RESOURCE_CREATE_BLOB: the fixed part, then (for guest-backed blobs) the entries.
+fn decode_create_blob(
+    f: &Fields<'_>,
+    hdr: &CtrlHeader,
+    max_backing_entries: u32,
+) -> Result<Command, DecodeErrorKind> {
+    use DecodeErrorKind as E;
+    let h = CTRL_HDR_SIZE;
+    let resource_id = f.resource_id(h)?;
+    let raw_mem = f.u32(h + 4)?;
+    let blob_mem = BlobMem::from_u32(raw_mem).ok_or(E::InvalidBlobMem(raw_mem))?;
+    let blob_flags = f.u32(h + 8)?;
+    if blob_flags & !VIRTIO_GPU_BLOB_FLAGS_ALL != 0 {
+        return Err(E::InvalidBlobFlags(blob_flags));
+    }
+    let n = f.u32(h + 12)?;
+    let blob_id = f.u64(h + 16)?;
+    let size = f.u64(h + 24)?;
+    if size == 0 {
+        return Err(E::ZeroBlobSize);
+    }
+    // Host blobs are created by a context; guest blobs may come from context 0.
+    if blob_mem.needs_context() {
+        f.ctx_id(hdr)?;
+    }
+    let entries = if blob_mem.has_guest_backing() {
+        let entries = decode_entries(f.b, RESOURCE_CREATE_BLOB_SIZE, n, max_backing_entries)?;
+        // Each length is a u32 and there are at most u32::MAX of them: no overflow.
+        let backing: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+        if size > backing {
+            return Err(E::BlobLargerThanBacking { size, backing });
+        }
+        entries
+    } else if n != 0 {
+        return Err(E::UnexpectedEntries { n });
+    } else {
+        Vec::new()
+    };
+    Ok(Command::ResourceCreateBlob {
+        resource_id,
+        blob_mem,
+        blob_flags,
+        blob_id,
+        size,
+        entries,
+    })
+}
+
+/// Reads `n` memory entries that start at byte `base` of `b`.
+fn decode_entries(
+    b: &[u8],
+    base: usize,
+    n: u32,
+    max: u32,
+) -> Result<Vec<BackingEntry>, DecodeErrorKind> {
     use DecodeErrorKind as E;
     if n > max {
         return Err(E::TooManyEntries { n, max });
@@ -479,11 +712,9 @@ fn decode_entries(b: &[u8], n: u32, max: u32) -> Result<Vec<BackingEntry>, Decod
     let need = usize::try_from(n)
         .ok()
         .and_then(|n| n.checked_mul(MEM_ENTRY_SIZE))
-        .and_then(|s| s.checked_add(RESOURCE_ATTACH_BACKING_SIZE))
+        .and_then(|s| s.checked_add(base))
         .ok_or_else(|| truncated(usize::MAX))?;
-    let raw = b
-        .get(RESOURCE_ATTACH_BACKING_SIZE..need)
-        .ok_or_else(|| truncated(need))?;
+    let raw = b.get(base..need).ok_or_else(|| truncated(need))?;
     // n is bounded by max and by the bytes actually present, so this allocation is too.
     let mut entries = Vec::with_capacity(raw.len() / MEM_ENTRY_SIZE);
     for (index, e) in (0u32..).zip(raw.chunks_exact(MEM_ENTRY_SIZE)) {
@@ -508,6 +739,39 @@ mod tests {
     use super::*;
 
     const MAX: u32 = 1024;
+    const SUBMIT_MAX: u32 = 4096;
+
+    /// The decoder with `max` backing entries and a 4 KiB SUBMIT_3D bound; shadows the
+    /// real `decode` in these tests.
+    fn decode(q: Queue, b: &[u8], max: u32) -> Result<Request, DecodeError> {
+        super::decode(
+            q,
+            b,
+            DecodeLimits {
+                max_backing_entries: max,
+                max_submit_bytes: SUBMIT_MAX,
+            },
+        )
+    }
+
+    fn hdr_ctx(type_: u32, ctx_id: u32) -> Vec<u8> {
+        CtrlHeader {
+            type_,
+            ctx_id,
+            ..CtrlHeader::default()
+        }
+        .to_bytes()
+        .to_vec()
+    }
+
+    /// Asserts `b` is rejected with `kind`, answered with `code`, header kept.
+    fn rejects(b: &[u8], kind: DecodeErrorKind, code: ErrorCode) {
+        let e = decode(Queue::Control, b, MAX).expect_err("rejected");
+        assert_eq!(e.kind, kind);
+        assert_eq!(e.error_code(), code, "{kind:?}");
+        assert!(e.header().is_some());
+        assert!(!e.to_string().is_empty());
+    }
 
     fn hdr(type_: u32) -> Vec<u8> {
         CtrlHeader {
@@ -911,9 +1175,34 @@ mod tests {
                 queue: Queue::Cursor
             }
         );
-        // Unsupported control commands are still control commands.
-        let e = err(Queue::Cursor, &hdr(VIRTIO_GPU_CMD_SUBMIT_3D));
+        // Unsupported control commands are still control commands, and every blob,
+        // context and capset command belongs on the control queue.
+        let e = err(Queue::Cursor, &hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_3D));
         assert!(matches!(e, DecodeErrorKind::WrongQueue { .. }));
+        for t in [
+            VIRTIO_GPU_CMD_GET_CAPSET_INFO,
+            VIRTIO_GPU_CMD_GET_CAPSET,
+            VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+            VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+            VIRTIO_GPU_CMD_CTX_CREATE,
+            VIRTIO_GPU_CMD_CTX_DESTROY,
+            VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE,
+            VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE,
+            VIRTIO_GPU_CMD_SUBMIT_3D,
+            VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+            VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+        ] {
+            let mut b = hdr_ctx(t, 1);
+            b.resize(512, 0);
+            assert_eq!(
+                err(Queue::Cursor, &b),
+                DecodeErrorKind::WrongQueue {
+                    cmd: t,
+                    queue: Queue::Cursor
+                }
+            );
+        }
     }
 
     #[test]
@@ -924,15 +1213,9 @@ mod tests {
             assert_eq!(e.error_code(), ErrorCode::Unspec);
         }
         for t in [
-            VIRTIO_GPU_CMD_GET_CAPSET_INFO,
-            VIRTIO_GPU_CMD_GET_CAPSET,
-            VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
-            VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
-            VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
-            VIRTIO_GPU_CMD_CTX_CREATE,
-            VIRTIO_GPU_CMD_SUBMIT_3D,
-            VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
-            VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+            VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D,
+            VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D,
         ] {
             let e = decode(Queue::Control, &with(hdr(t), &[0; 32]), MAX).unwrap_err();
             assert_eq!(e.kind, DecodeErrorKind::Unsupported(t));
@@ -1042,11 +1325,619 @@ mod tests {
                     type_: cmd.cmd_type(),
                     flags: VIRTIO_GPU_FLAG_FENCE,
                     fence_id: 5,
+                    ctx_id: 2,
                     ..CtrlHeader::default()
                 },
                 cmd,
             };
             assert_eq!(decode(q, &req.encode(), MAX), Ok(req));
+        }
+    }
+
+    #[test]
+    fn capset_commands() {
+        let b = with(hdr(VIRTIO_GPU_CMD_GET_CAPSET_INFO), &[2, 0xffff]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::GetCapsetInfo { capset_index: 2 }
+        );
+        let b = with(
+            hdr(VIRTIO_GPU_CMD_GET_CAPSET),
+            &[VIRTIO_GPU_CAPSET_VIRGL2, 1],
+        );
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::GetCapset {
+                capset_id: VIRTIO_GPU_CAPSET_VIRGL2,
+                capset_version: 1
+            }
+        );
+        for t in [VIRTIO_GPU_CMD_GET_CAPSET_INFO, VIRTIO_GPU_CMD_GET_CAPSET] {
+            rejects(
+                &with(hdr(t), &[1]),
+                DecodeErrorKind::ShortBody {
+                    cmd: t,
+                    need: 32,
+                    got: 28,
+                },
+                ErrorCode::Unspec,
+            );
+        }
+    }
+
+    #[test]
+    fn resource_id_only_commands() {
+        for (t, make) in [
+            (
+                VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
+                (|resource_id| Command::ResourceAssignUuid { resource_id }) as fn(u32) -> Command,
+            ),
+            (VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB, |resource_id| {
+                Command::ResourceUnmapBlob { resource_id }
+            }),
+            (VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, |resource_id| {
+                Command::CtxAttachResource { resource_id }
+            }),
+            (VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE, |resource_id| {
+                Command::CtxDetachResource { resource_id }
+            }),
+        ] {
+            let b = with(hdr_ctx(t, 4), &[9, 0xdead]);
+            assert_eq!(ok(Queue::Control, &b), make(9));
+            rejects(
+                &with(hdr_ctx(t, 4), &[0, 0]),
+                DecodeErrorKind::ZeroResourceId { cmd: t },
+                ErrorCode::InvalidResourceId,
+            );
+            rejects(
+                &with(hdr_ctx(t, 4), &[9]),
+                DecodeErrorKind::ShortBody {
+                    cmd: t,
+                    need: 32,
+                    got: 28,
+                },
+                ErrorCode::Unspec,
+            );
+        }
+        // Only the context commands need a context.
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID), &[9, 0]);
+        assert!(decode(Queue::Control, &b, MAX).is_ok());
+        for t in [
+            VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE,
+            VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE,
+        ] {
+            rejects(
+                &with(hdr(t), &[9, 0]),
+                DecodeErrorKind::ZeroContextId { cmd: t },
+                ErrorCode::InvalidContextId,
+            );
+        }
+    }
+
+    fn ctx_create(ctx_id: u32, nlen: u32, context_init: u32, name: &[u8]) -> Vec<u8> {
+        let mut b = with(
+            hdr_ctx(VIRTIO_GPU_CMD_CTX_CREATE, ctx_id),
+            &[nlen, context_init],
+        );
+        b.extend_from_slice(name);
+        b.resize(CTX_CREATE_SIZE, 0xee); // unused name bytes: not part of the name
+        b
+    }
+
+    #[test]
+    fn ctx_create_and_destroy() {
+        let b = ctx_create(3, 7, VIRTIO_GPU_CAPSET_CROSS_DOMAIN, b"wayland");
+        let r = decode(Queue::Control, &b, MAX).unwrap();
+        assert_eq!(r.hdr.ctx_id, 3);
+        assert_eq!(
+            r.cmd,
+            Command::CtxCreate {
+                context_init: VIRTIO_GPU_CAPSET_CROSS_DOMAIN,
+                name: b"wayland".to_vec()
+            }
+        );
+        // No name at all, and a name filling all 64 bytes.
+        assert_eq!(
+            ok(Queue::Control, &ctx_create(3, 0, 0, b"")),
+            Command::CtxCreate {
+                context_init: 0,
+                name: vec![]
+            }
+        );
+        assert_eq!(
+            ok(Queue::Control, &ctx_create(3, 64, 0, &[b'n'; 64])),
+            Command::CtxCreate {
+                context_init: 0,
+                name: vec![b'n'; 64]
+            }
+        );
+        for nlen in [65, 1000, u32::MAX] {
+            rejects(
+                &ctx_create(3, nlen, 0, b"x"),
+                DecodeErrorKind::NameTooLong { nlen },
+                ErrorCode::InvalidParameter,
+            );
+        }
+        rejects(
+            &ctx_create(0, 1, 0, b"x"),
+            DecodeErrorKind::ZeroContextId {
+                cmd: VIRTIO_GPU_CMD_CTX_CREATE,
+            },
+            ErrorCode::InvalidContextId,
+        );
+        // The debug name array is part of the struct even when nlen is short.
+        rejects(
+            &ctx_create(3, 1, 0, b"x")[..CTX_CREATE_SIZE - 1],
+            DecodeErrorKind::ShortBody {
+                cmd: VIRTIO_GPU_CMD_CTX_CREATE,
+                need: CTX_CREATE_SIZE,
+                got: CTX_CREATE_SIZE - 1,
+            },
+            ErrorCode::Unspec,
+        );
+
+        let r = decode(Queue::Control, &hdr_ctx(VIRTIO_GPU_CMD_CTX_DESTROY, 5), MAX).unwrap();
+        assert_eq!((r.hdr.ctx_id, r.cmd), (5, Command::CtxDestroy));
+        rejects(
+            &hdr(VIRTIO_GPU_CMD_CTX_DESTROY),
+            DecodeErrorKind::ZeroContextId {
+                cmd: VIRTIO_GPU_CMD_CTX_DESTROY,
+            },
+            ErrorCode::InvalidContextId,
+        );
+    }
+
+    fn submit(ctx_id: u32, size: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = with(hdr_ctx(VIRTIO_GPU_CMD_SUBMIT_3D, ctx_id), &[size, 0]);
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn submit_3d() {
+        let r = decode(Queue::Control, &submit(2, 5, b"hello and more"), MAX).unwrap();
+        assert_eq!(r.hdr.ctx_id, 2);
+        assert_eq!(
+            r.cmd,
+            Command::Submit3d {
+                commands: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Queue::Control, &submit(2, 0, b"")),
+            Command::Submit3d { commands: vec![] }
+        );
+        let full = vec![0x5a; SUBMIT_MAX as usize];
+        assert_eq!(
+            ok(Queue::Control, &submit(2, SUBMIT_MAX, &full)),
+            Command::Submit3d { commands: full }
+        );
+
+        rejects(
+            &submit(0, 1, b"x"),
+            DecodeErrorKind::ZeroContextId {
+                cmd: VIRTIO_GPU_CMD_SUBMIT_3D,
+            },
+            ErrorCode::InvalidContextId,
+        );
+        // Huge sizes are refused on the number alone, before any allocation.
+        for size in [SUBMIT_MAX + 1, u32::MAX] {
+            rejects(
+                &submit(2, size, b"tiny"),
+                DecodeErrorKind::SubmitTooLarge {
+                    size,
+                    max: SUBMIT_MAX,
+                },
+                ErrorCode::InvalidParameter,
+            );
+        }
+        rejects(
+            &submit(2, 10, b"short"),
+            DecodeErrorKind::ShortBody {
+                cmd: VIRTIO_GPU_CMD_SUBMIT_3D,
+                need: CMD_SUBMIT_SIZE + 10,
+                got: CMD_SUBMIT_SIZE + 5,
+            },
+            ErrorCode::Unspec,
+        );
+        rejects(
+            &submit(2, 10, b"")[..28],
+            DecodeErrorKind::ShortBody {
+                cmd: VIRTIO_GPU_CMD_SUBMIT_3D,
+                need: CMD_SUBMIT_SIZE,
+                got: 28,
+            },
+            ErrorCode::Unspec,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_blob(
+        ctx_id: u32,
+        res: u32,
+        mem: u32,
+        flags: u32,
+        n: u32,
+        blob_id: u64,
+        size: u64,
+        entries: &[(u64, u32)],
+    ) -> Vec<u8> {
+        let mut b = with(
+            hdr_ctx(VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, ctx_id),
+            &[res, mem, flags, n],
+        );
+        b.extend_from_slice(&blob_id.to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        for &(addr, len) in entries {
+            b.extend(entry(addr, len));
+        }
+        b
+    }
+
+    #[test]
+    fn resource_create_blob() {
+        let pages = [(0x10_0000, 4096), (0x20_0000, 8192)];
+        // A guest blob from context 0, as the Linux driver creates for dumb buffers.
+        let b = create_blob(0, 5, 1, 2, 2, 0, 12288, &pages);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceCreateBlob {
+                resource_id: 5,
+                blob_mem: BlobMem::Guest,
+                blob_flags: VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE,
+                blob_id: 0,
+                size: 12288,
+                entries: vec![
+                    BackingEntry {
+                        addr: 0x10_0000,
+                        length: 4096
+                    },
+                    BackingEntry {
+                        addr: 0x20_0000,
+                        length: 8192
+                    }
+                ]
+            }
+        );
+        // A host blob from a context: no entries, any blob id.
+        let b = create_blob(7, 6, 2, 7, 0, u64::MAX, 1 << 40, &[]);
+        let r = decode(Queue::Control, &b, MAX).unwrap();
+        assert_eq!(r.hdr.ctx_id, 7);
+        assert_eq!(
+            r.cmd,
+            Command::ResourceCreateBlob {
+                resource_id: 6,
+                blob_mem: BlobMem::Host3d,
+                blob_flags: 7,
+                blob_id: u64::MAX,
+                size: 1 << 40,
+                entries: vec![]
+            }
+        );
+        // HOST3D_GUEST: a context and guest entries; size may be below the backing.
+        let b = create_blob(7, 8, 3, 1, 1, 3, 100, &pages[..1]);
+        assert!(matches!(
+            ok(Queue::Control, &b),
+            Command::ResourceCreateBlob { blob_mem: BlobMem::Host3dGuest, entries, size: 100, .. }
+                if entries.len() == 1
+        ));
+    }
+
+    #[test]
+    fn resource_create_blob_rejects() {
+        use DecodeErrorKind as K;
+        use ErrorCode::*;
+        let page = [(0x10_0000u64, 4096u32)];
+        let cases: Vec<(Vec<u8>, K, ErrorCode)> = vec![
+            (
+                create_blob(1, 0, 1, 0, 1, 0, 4096, &page),
+                K::ZeroResourceId {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+                },
+                InvalidResourceId,
+            ),
+            (
+                create_blob(1, 5, 0, 0, 1, 0, 4096, &page),
+                K::InvalidBlobMem(0),
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 4, 0, 1, 0, 4096, &page),
+                K::InvalidBlobMem(4),
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 1, 8, 1, 0, 4096, &page),
+                K::InvalidBlobFlags(8),
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 1, 0x8000_0001, 1, 0, 4096, &page),
+                K::InvalidBlobFlags(0x8000_0001),
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 1, 0, 1, 0, 0, &page),
+                K::ZeroBlobSize,
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 2, 1, 1, 0, 4096, &page),
+                K::UnexpectedEntries { n: 1 },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 2, 1, 0, 0, 4096, &[]),
+                K::ZeroContextId {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+                },
+                InvalidContextId,
+            ),
+            (
+                create_blob(0, 5, 3, 1, 1, 0, 4096, &page),
+                K::ZeroContextId {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+                },
+                InvalidContextId,
+            ),
+            (
+                create_blob(0, 5, 1, 0, 0, 0, 4096, &[]),
+                K::NoEntries,
+                InvalidParameter,
+            ),
+            (
+                create_blob(1, 5, 3, 0, 0, 0, 4096, &[]),
+                K::NoEntries,
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, MAX + 1, 0, 4096, &page),
+                K::TooManyEntries {
+                    n: MAX + 1,
+                    max: MAX,
+                },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, u32::MAX, 0, 4096, &page),
+                K::TooManyEntries {
+                    n: u32::MAX,
+                    max: MAX,
+                },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, 2, 0, 4096, &page),
+                K::TruncatedEntries {
+                    n: 2,
+                    need: RESOURCE_CREATE_BLOB_SIZE + 32,
+                    got: RESOURCE_CREATE_BLOB_SIZE + 16,
+                },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, 1, 0, 4096, &[(0x1000, 0)]),
+                K::BadEntry {
+                    index: 0,
+                    addr: 0x1000,
+                    length: 0,
+                },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, 1, 0, 4097, &page),
+                K::BlobLargerThanBacking {
+                    size: 4097,
+                    backing: 4096,
+                },
+                InvalidParameter,
+            ),
+            (
+                create_blob(0, 5, 1, 0, 1, 0, 4096, &page)[..RESOURCE_CREATE_BLOB_SIZE - 1]
+                    .to_vec(),
+                K::ShortBody {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+                    need: RESOURCE_CREATE_BLOB_SIZE,
+                    got: RESOURCE_CREATE_BLOB_SIZE - 1,
+                },
+                Unspec,
+            ),
+        ];
+        for (b, kind, code) in cases {
+            rejects(&b, kind, code);
+        }
+    }
+
+    #[test]
+    fn map_and_unmap_blob() {
+        let mut b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB), &[4, 0xffff]);
+        b.extend_from_slice(&0x1_0020_0000u64.to_le_bytes());
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceMapBlob {
+                resource_id: 4,
+                offset: 0x1_0020_0000
+            }
+        );
+        rejects(
+            &b[..RESOURCE_MAP_BLOB_SIZE - 1],
+            DecodeErrorKind::ShortBody {
+                cmd: VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+                need: RESOURCE_MAP_BLOB_SIZE,
+                got: RESOURCE_MAP_BLOB_SIZE - 1,
+            },
+            ErrorCode::Unspec,
+        );
+        let mut b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB), &[0, 0]);
+        b.extend_from_slice(&0u64.to_le_bytes());
+        rejects(
+            &b,
+            DecodeErrorKind::ZeroResourceId {
+                cmd: VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+            },
+            ErrorCode::InvalidResourceId,
+        );
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB), &[4, 0]);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::ResourceUnmapBlob { resource_id: 4 }
+        );
+    }
+
+    fn scanout_blob(rect: [u32; 4], scanout: u32, res: u32, format: u32) -> Vec<u8> {
+        let mut words = rect.to_vec();
+        words.extend([scanout, res, 640, 480, format, 0xdead]);
+        words.extend([2560, 0, 0, 0, 0, 4096, 0, 0]);
+        with(hdr(VIRTIO_GPU_CMD_SET_SCANOUT_BLOB), &words)
+    }
+
+    #[test]
+    fn set_scanout_blob() {
+        let b = scanout_blob([0, 0, 640, 480], 1, 7, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM);
+        assert_eq!(b.len(), SET_SCANOUT_BLOB_SIZE);
+        assert_eq!(
+            ok(Queue::Control, &b),
+            Command::SetScanoutBlob {
+                scanout_id: 1,
+                resource_id: 7,
+                rect: Rect {
+                    x: 0,
+                    y: 0,
+                    width: 640,
+                    height: 480
+                },
+                width: 640,
+                height: 480,
+                format: Format::B8G8R8X8Unorm,
+                strides: [2560, 0, 0, 0],
+                offsets: [0, 4096, 0, 0]
+            }
+        );
+        // Resource 0 disables the scanout.
+        let b = scanout_blob([0; 4], 0, 0, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM);
+        assert!(matches!(
+            ok(Queue::Control, &b),
+            Command::SetScanoutBlob { resource_id: 0, .. }
+        ));
+
+        rejects(
+            &scanout_blob([0, 0, 1, 1], 16, 7, 2),
+            DecodeErrorKind::InvalidScanoutId(16),
+            ErrorCode::InvalidScanoutId,
+        );
+        for f in [0, 5, 200] {
+            rejects(
+                &scanout_blob([0, 0, 1, 1], 0, 7, f),
+                DecodeErrorKind::InvalidFormat(f),
+                ErrorCode::InvalidParameter,
+            );
+        }
+        for rect in [
+            [u32::MAX, 0, 1, 1],
+            [1, 0, u32::MAX, 1],
+            [0, u32::MAX, 1, 1],
+            [0, 1, 1, u32::MAX],
+        ] {
+            let e = err(Queue::Control, &scanout_blob(rect, 0, 7, 2));
+            assert!(matches!(e, DecodeErrorKind::RectOverflow(_)), "{e}");
+            assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+        }
+        let b = scanout_blob([0, 0, 1, 1], 0, 7, 2);
+        rejects(
+            &b[..SET_SCANOUT_BLOB_SIZE - 1],
+            DecodeErrorKind::ShortBody {
+                cmd: VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+                need: SET_SCANOUT_BLOB_SIZE,
+                got: SET_SCANOUT_BLOB_SIZE - 1,
+            },
+            ErrorCode::Unspec,
+        );
+    }
+
+    #[test]
+    fn new_commands_roundtrip() {
+        let cmds = [
+            Command::GetCapsetInfo { capset_index: 1 },
+            Command::GetCapset {
+                capset_id: 5,
+                capset_version: 0,
+            },
+            Command::ResourceAssignUuid { resource_id: 3 },
+            Command::ResourceCreateBlob {
+                resource_id: 3,
+                blob_mem: BlobMem::Host3d,
+                blob_flags: VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+                blob_id: 77,
+                size: 1 << 21,
+                entries: vec![],
+            },
+            Command::SetScanoutBlob {
+                scanout_id: 0,
+                resource_id: 3,
+                rect: Rect {
+                    x: 0,
+                    y: 0,
+                    width: 8,
+                    height: 8,
+                },
+                width: 8,
+                height: 8,
+                format: Format::R8G8B8A8Unorm,
+                strides: [32, 0, 0, 0],
+                offsets: [0; 4],
+            },
+            Command::CtxCreate {
+                context_init: VIRTIO_GPU_CAPSET_CROSS_DOMAIN,
+                name: b"ctx".to_vec(),
+            },
+            Command::CtxDestroy,
+            Command::CtxAttachResource { resource_id: 3 },
+            Command::CtxDetachResource { resource_id: 3 },
+            Command::Submit3d {
+                commands: vec![1, 2, 3],
+            },
+            Command::ResourceMapBlob {
+                resource_id: 3,
+                offset: 0x4000,
+            },
+            Command::ResourceUnmapBlob { resource_id: 3 },
+        ];
+        for cmd in cmds {
+            let req = Request {
+                hdr: CtrlHeader {
+                    type_: cmd.cmd_type(),
+                    ctx_id: 1,
+                    ..CtrlHeader::default()
+                },
+                cmd,
+            };
+            assert_eq!(decode(Queue::Control, &req.encode(), MAX), Ok(req));
+        }
+    }
+
+    #[test]
+    fn error_codes_of_new_kinds() {
+        use DecodeErrorKind as K;
+        for (k, code) in [
+            (K::ZeroContextId { cmd: 0x200 }, ErrorCode::InvalidContextId),
+            (K::NameTooLong { nlen: 65 }, ErrorCode::InvalidParameter),
+            (
+                K::SubmitTooLarge { size: 2, max: 1 },
+                ErrorCode::InvalidParameter,
+            ),
+            (K::InvalidBlobMem(9), ErrorCode::InvalidParameter),
+            (K::InvalidBlobFlags(9), ErrorCode::InvalidParameter),
+            (K::ZeroBlobSize, ErrorCode::InvalidParameter),
+            (K::UnexpectedEntries { n: 1 }, ErrorCode::InvalidParameter),
+            (
+                K::BlobLargerThanBacking {
+                    size: 2,
+                    backing: 1,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+        ] {
+            assert_eq!(k.error_code(), code, "{k}");
         }
     }
 
@@ -1134,6 +2025,92 @@ mod tests {
             ]
         }
 
+        fn arb_blob_ctx_cmd() -> impl Strategy<Value = Command> {
+            let id = 1u32..;
+            let entry = (0u64..u64::MAX / 2, 1u32..)
+                .prop_map(|(addr, length)| BackingEntry { addr, length });
+            let mems = [BlobMem::Guest, BlobMem::Host3d, BlobMem::Host3dGuest];
+            prop_oneof![
+                any::<u32>().prop_map(|capset_index| Command::GetCapsetInfo { capset_index }),
+                (any::<u32>(), any::<u32>()).prop_map(|(capset_id, capset_version)| {
+                    Command::GetCapset {
+                        capset_id,
+                        capset_version,
+                    }
+                }),
+                id.clone()
+                    .prop_map(|resource_id| Command::ResourceAssignUuid { resource_id }),
+                (
+                    id.clone(),
+                    0..3usize,
+                    0..=VIRTIO_GPU_BLOB_FLAGS_ALL,
+                    any::<u64>(),
+                    prop::collection::vec(entry, 1..20),
+                    any::<u64>(),
+                )
+                    .prop_map(
+                        move |(resource_id, m, blob_flags, blob_id, entries, r)| {
+                            let blob_mem = mems[m];
+                            let (entries, size) = if blob_mem.has_guest_backing() {
+                                let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+                                (entries, 1 + r % total)
+                            } else {
+                                (Vec::new(), r.max(1))
+                            };
+                            Command::ResourceCreateBlob {
+                                resource_id,
+                                blob_mem,
+                                blob_flags,
+                                blob_id,
+                                size,
+                                entries,
+                            }
+                        }
+                    ),
+                (
+                    0..VIRTIO_GPU_MAX_SCANOUTS,
+                    any::<u32>(),
+                    arb_rect(),
+                    (any::<u32>(), any::<u32>(), 0..8usize),
+                    any::<[u32; 4]>(),
+                    any::<[u32; 4]>(),
+                )
+                    .prop_map(
+                        |(scanout_id, resource_id, rect, (width, height, f), strides, offsets)| {
+                            Command::SetScanoutBlob {
+                                scanout_id,
+                                resource_id,
+                                rect,
+                                width,
+                                height,
+                                format: Format::ALL[f],
+                                strides,
+                                offsets,
+                            }
+                        }
+                    ),
+                (
+                    any::<u32>(),
+                    prop::collection::vec(any::<u8>(), 0..=VIRTIO_GPU_CTX_DEBUG_NAME_SIZE)
+                )
+                    .prop_map(|(context_init, name)| Command::CtxCreate { context_init, name }),
+                Just(Command::CtxDestroy),
+                id.clone()
+                    .prop_map(|resource_id| Command::CtxAttachResource { resource_id }),
+                id.clone()
+                    .prop_map(|resource_id| Command::CtxDetachResource { resource_id }),
+                prop::collection::vec(any::<u8>(), 0..512)
+                    .prop_map(|commands| Command::Submit3d { commands }),
+                (id.clone(), any::<u64>()).prop_map(|(resource_id, offset)| {
+                    Command::ResourceMapBlob {
+                        resource_id,
+                        offset,
+                    }
+                }),
+                id.prop_map(|resource_id| Command::ResourceUnmapBlob { resource_id }),
+            ]
+        }
+
         proptest! {
             #[test]
             fn never_panics_on_arbitrary_bytes(
@@ -1169,18 +2146,56 @@ mod tests {
             }
 
             #[test]
-            fn valid_requests_roundtrip(cmd in arb_valid_cmd(), fence in any::<u64>()) {
+            fn valid_requests_roundtrip(
+                cmd in prop_oneof![arb_valid_cmd(), arb_blob_ctx_cmd()],
+                fence in any::<u64>(),
+                ctx_id in 1u32..,
+            ) {
                 let q = if cmd.is_cursor() { Queue::Cursor } else { Queue::Control };
                 let req = Request {
                     hdr: CtrlHeader {
                         type_: cmd.cmd_type(),
                         flags: VIRTIO_GPU_FLAG_FENCE,
                         fence_id: fence,
+                        ctx_id,
                         ..CtrlHeader::default()
                     },
                     cmd,
                 };
                 prop_assert_eq!(decode(q, &req.encode(), 64), Ok(req));
+            }
+
+            #[test]
+            fn never_panics_on_mutated_valid_requests(
+                cmd in arb_blob_ctx_cmd(),
+                ctx_id in prop_oneof![Just(0u32), 1u32..],
+                flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+                cut in any::<usize>(),
+                max_submit in prop_oneof![Just(0u32), Just(u32::MAX), 0u32..1024],
+            ) {
+                let mut b = Request {
+                    hdr: CtrlHeader { ctx_id, ..CtrlHeader::default() },
+                    cmd,
+                }
+                .encode();
+                for (at, v) in flips {
+                    let n = b.len();
+                    b[at % n] ^= v;
+                }
+                let n = b.len();
+                b.truncate(cut % (n + 1));
+                let limits = DecodeLimits { max_backing_entries: 16, max_submit_bytes: max_submit };
+                match super::super::decode(Queue::Control, &b, limits) {
+                    Ok(req) => {
+                        prop_assert_eq!(req.cmd.cmd_type(), req.hdr.type_);
+                        if let Command::Submit3d { commands } = &req.cmd {
+                            prop_assert!(commands.len() <= max_submit as usize);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = (e.to_string(), e.error_code());
+                    }
+                }
             }
         }
     }

@@ -11,6 +11,9 @@ use crate::display::CURSOR_BYTES;
 use crate::error::FrontendError;
 use crate::scanout::ScanoutBuffer;
 
+/// Largest capset the frontend passes on (virgl's is 1376 bytes; Venus' a few KiB).
+const MAX_CAPSET_BYTES: usize = 64 << 10;
+
 /// What executing a command decided: answer now (`Some`), wait for the renderer (`None`),
 /// or refuse with a guest-visible error.
 pub(crate) type Outcome = Result<Result<Option<Response>, ErrorCode>, FrontendError>;
@@ -42,6 +45,9 @@ impl Control {
                 };
                 self.request(op, fence, After::Created { resource_id })?;
                 Ok(Ok(None))
+            }
+            Command::ResourceUnref { resource_id } if self.is_blob(resource_id) => {
+                self.unref_blob(resource_id, fence)
             }
             Command::ResourceUnref { resource_id } => {
                 if let Err(code) = self.resources.remove(resource_id) {
@@ -121,6 +127,18 @@ impl Control {
                 }
                 Ok(Ok(Some(Response::OkNodata)))
             }
+            cmd @ (Command::CtxCreate { .. }
+            | Command::CtxDestroy
+            | Command::CtxAttachResource { .. }
+            | Command::CtxDetachResource { .. }
+            | Command::Submit3d { .. }
+            | Command::GetCapsetInfo { .. }
+            | Command::GetCapset { .. }
+            | Command::ResourceAssignUuid { .. }
+            | Command::ResourceCreateBlob { .. }
+            | Command::ResourceMapBlob { .. }
+            | Command::ResourceUnmapBlob { .. }
+            | Command::SetScanoutBlob { .. }) => self.blob_command(&req.hdr, cmd),
         }
     }
 
@@ -173,7 +191,7 @@ impl Control {
         ))
     }
 
-    fn backing_in_guest_memory(&self, entries: &[protocol::ipc::BackingEntry]) -> bool {
+    pub(crate) fn backing_in_guest_memory(&self, entries: &[protocol::ipc::BackingEntry]) -> bool {
         let Some(mem) = self.mem.as_ref() else {
             return false;
         };
@@ -328,24 +346,65 @@ impl Control {
         Ok(Ok(None))
     }
 
-    /// Acts on a successful renderer reply; an Err is the guest-visible error to report.
-    pub(crate) fn after_ok(&mut self, after: After, body: ReplyBody) -> Result<(), ErrorCode> {
+    /// Acts on a successful renderer reply: Ok(Some) is the guest's response when the
+    /// reply carries it, an Err is the guest-visible error to report.
+    pub(crate) fn after_ok(
+        &mut self,
+        after: After,
+        body: ReplyBody,
+    ) -> Result<Option<Response>, ErrorCode> {
+        self.after_ok_inner(after, body)
+    }
+
+    fn after_ok_inner(
+        &mut self,
+        after: After,
+        body: ReplyBody,
+    ) -> Result<Option<Response>, ErrorCode> {
         match after {
-            After::Nothing | After::Created { .. } | After::Attached { .. } => Ok(()),
+            After::Nothing
+            | After::Created { .. }
+            | After::Attached { .. }
+            | After::BlobCreated { .. } => Ok(None),
+            After::Respond => match body {
+                ReplyBody::CapsetInfo {
+                    capset_id,
+                    max_version,
+                    max_size,
+                } => Ok(Some(Response::OkCapsetInfo {
+                    capset_id,
+                    max_version,
+                    max_size,
+                })),
+                ReplyBody::Capset(bytes) if bytes.len() <= MAX_CAPSET_BYTES => {
+                    Ok(Some(Response::OkCapset(bytes)))
+                }
+                other => {
+                    log::warn!("renderer answered a capset request with {other:?}");
+                    Err(ErrorCode::Unspec)
+                }
+            },
+            After::BlobMap { .. } | After::BlobUnmap { .. } | After::BlobFinalize { .. } => {
+                if let Err(e) = self.on_blob_reply(after, Ok(body)) {
+                    log::error!("blob reply: {e}");
+                    return Err(ErrorCode::Unspec);
+                }
+                Ok(None)
+            }
             After::ScanoutShown { scanout_id } => {
                 let Some(s) = self.scanouts.get(scanout_id as usize) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let rect = s.rect;
                 if let Some(d) = self.display.as_mut() {
                     d.scanout(scanout_id, rect.width, rect.height);
                 }
                 self.send_update(scanout_id, rect);
-                Ok(())
+                Ok(None)
             }
             After::Flushed { scanout_id, rect } => {
                 self.send_update(scanout_id, rect);
-                Ok(())
+                Ok(None)
             }
             After::Cursor { format, pos, hot } => {
                 let ReplyBody::CursorImage(pixels) = body else {
@@ -361,7 +420,7 @@ impl Control {
                 if let Some(d) = self.display.as_mut() {
                     d.cursor_update(pos, hot, &bgra);
                 }
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -374,6 +433,12 @@ impl Control {
             }
             After::Attached { resource_id } => {
                 let _ = self.resources.detach_backing(resource_id);
+            }
+            After::BlobCreated { resource_id } => self.forget_blob(resource_id),
+            After::BlobMap { .. } | After::BlobUnmap { .. } | After::BlobFinalize { .. } => {
+                if let Err(e) = self.on_blob_reply(after, Err(())) {
+                    log::error!("blob reply: {e}");
+                }
             }
             _ => {}
         }

@@ -4,6 +4,8 @@
 //! descriptor lane. It never touches the GPU and, once set up, no file system either.
 
 pub mod backend;
+pub mod blob_map;
+mod blobs;
 pub mod config_space;
 pub mod control;
 pub mod decode;
@@ -17,6 +19,7 @@ pub mod renderer_link;
 pub mod resources;
 mod sandbox;
 pub mod scanout;
+pub mod vmm_requests;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;

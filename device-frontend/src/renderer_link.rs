@@ -50,6 +50,11 @@ impl RendererLink {
         Ok(self.lane.send(fds)?)
     }
 
+    /// Takes the fds the renderer put on the lane under `ticket` (a blob export).
+    pub fn recv_fds(&self, ticket: FdTicket) -> Result<Vec<OwnedFd>, FrontendError> {
+        Ok(self.lane.recv(ticket)?)
+    }
+
     /// Sends one request and returns its sequence number.
     pub fn send(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Result<u64, FrontendError> {
         let seq = self.next_seq;

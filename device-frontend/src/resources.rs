@@ -22,12 +22,15 @@ pub struct Resource {
     pub height: u32,
     /// Total length of the attached backing, if any.
     pub backing_len: Option<u64>,
+    /// For a blob, its size in bytes (it is charged that, not width * height * 4).
+    pub blob_size: Option<u64>,
 }
 
 impl Resource {
     /// Host bytes the resource occupies in the renderer.
     pub fn byte_size(&self) -> u64 {
-        u64::from(self.width) * u64::from(self.height) * BYTES_PER_PIXEL
+        self.blob_size
+            .unwrap_or(u64::from(self.width) * u64::from(self.height) * BYTES_PER_PIXEL)
     }
 
     /// Bytes per row.
@@ -107,6 +110,7 @@ impl ResourceTable {
             width,
             height,
             backing_len: None,
+            blob_size: None,
         };
         let bytes = resource.byte_size();
         if self.resources.len() >= self.limits.max_resources as usize
@@ -119,6 +123,34 @@ impl ResourceTable {
         }
         self.bytes_in_use += bytes;
         self.resources.insert(id, resource);
+        Ok(())
+    }
+
+    /// Admits a blob of `size` bytes, charging them to the budget. A blob has no 2D shape
+    /// (width and height 0), so the 2D commands refuse it.
+    pub fn create_blob(&mut self, id: u32, size: u64) -> Result<(), ErrorCode> {
+        if id == 0 || self.resources.contains_key(&id) {
+            return Err(ErrorCode::InvalidResourceId);
+        }
+        if self.resources.len() >= self.limits.max_resources as usize
+            || self
+                .bytes_in_use
+                .checked_add(size)
+                .is_none_or(|total| total > self.limits.max_resource_bytes)
+        {
+            return Err(ErrorCode::OutOfMemory);
+        }
+        self.bytes_in_use += size;
+        self.resources.insert(
+            id,
+            Resource {
+                format: Format::B8G8R8X8Unorm,
+                width: 0,
+                height: 0,
+                backing_len: None,
+                blob_size: Some(size),
+            },
+        );
         Ok(())
     }
 

@@ -52,7 +52,18 @@ pub struct DeviceConfig {
     pub seccomp: bool,
     /// Serve further VMM connections after one disconnects instead of exiting.
     pub keep_serving: bool,
+    /// Size of the host-visible memory region (blobs mapped for the guest), in bytes; None
+    /// leaves blobs, contexts and the region out (VIRTIO_GPU_F_RESOURCE_BLOB and
+    /// VIRTIO_GPU_F_CONTEXT_INIT are not offered).
+    pub hostmem: Option<u64>,
+    /// Capability sets the renderer offers (config space num_capsets), when blobs are on.
+    pub num_capsets: u32,
+    /// Largest SUBMIT_3D command stream accepted, in bytes.
+    pub max_submit_bytes: u32,
 }
+
+/// Largest host-visible region accepted (the VMM reserves this much address space).
+pub const MAX_HOSTMEM: u64 = 64 << 30;
 
 /// The most scanouts virtio-gpu allows.
 pub const MAX_SCANOUTS: usize = 16;
@@ -69,6 +80,9 @@ impl Default for DeviceConfig {
             limits: Limits::default(),
             seccomp: true,
             keep_serving: false,
+            hostmem: None,
+            num_capsets: 0,
+            max_submit_bytes: 1 << 20,
         }
     }
 }

@@ -139,6 +139,91 @@ pub enum RendererOp {
     },
     /// Device reset: drop every resource, scanout buffer and guest mapping.
     Reset,
+    /// VIRTIO_GPU_CMD_CTX_CREATE: a rendering context of the capability set in the low
+    /// byte of `context_init` (VIRTIO_GPU_F_CONTEXT_INIT), e.g. cross-domain.
+    CreateContext {
+        /// Guest-chosen context id (never 0).
+        ctx_id: u32,
+        /// The guest's context_init field (capset id in bits 0..8).
+        context_init: u32,
+        /// Debug name, at most 64 bytes, not trusted to be UTF-8.
+        name: Vec<u8>,
+    },
+    /// VIRTIO_GPU_CMD_CTX_DESTROY.
+    DestroyContext {
+        /// Context to destroy.
+        ctx_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE.
+    AttachResource {
+        /// Context.
+        ctx_id: u32,
+        /// Resource made visible to it.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE.
+    DetachResource {
+        /// Context.
+        ctx_id: u32,
+        /// Resource withdrawn from it.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_SUBMIT_3D: opaque bytes for the context's own protocol.
+    Submit3d {
+        /// Context.
+        ctx_id: u32,
+        /// Ring of the context (0 unless VIRTIO_GPU_FLAG_INFO_RING_IDX).
+        ring_idx: u8,
+        /// The command stream, copied out of guest memory (bounded by the frontend).
+        commands: Vec<u8>,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB.
+    CreateBlob {
+        /// Context that owns the blob (0 for BLOB_MEM_GUEST).
+        ctx_id: u32,
+        /// Guest-chosen resource id (never 0).
+        resource_id: u32,
+        /// VIRTIO_GPU_BLOB_MEM_*.
+        blob_mem: u32,
+        /// VIRTIO_GPU_BLOB_FLAG_*.
+        blob_flags: u32,
+        /// Context-specific id naming the host allocation (HOST3D*).
+        blob_id: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Guest backing (BLOB_MEM_GUEST and HOST3D_GUEST), checked against guest memory.
+        entries: Vec<BackingEntry>,
+    },
+    /// Export a mappable blob for RESOURCE_MAP_BLOB; answered with
+    /// [`ReplyBody::MapReady`] and the fd on the lane.
+    Map {
+        /// Blob to export.
+        resource_id: u32,
+    },
+    /// The VMM is taking the blob out of the guest's window; answered with
+    /// [`ReplyBody::UnmapAck`] once the renderer holds no CPU access of its own to it.
+    Unmap {
+        /// Blob being unmapped.
+        resource_id: u32,
+    },
+    /// Both sides have acknowledged the unmap: release the renderer's mapping state;
+    /// answered with [`ReplyBody::FinalizeAck`].
+    Finalize {
+        /// Blob whose unmap is complete.
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_GET_CAPSET_INFO: answered with [`ReplyBody::CapsetInfo`].
+    GetCapsetInfo {
+        /// Capset index, below the device's num_capsets.
+        index: u32,
+    },
+    /// VIRTIO_GPU_CMD_GET_CAPSET: answered with [`ReplyBody::Capset`].
+    GetCapset {
+        /// Capset id.
+        capset_id: u32,
+        /// Version asked for.
+        version: u32,
+    },
 }
 
 /// What a successful reply carries.
@@ -148,6 +233,38 @@ pub enum ReplyBody {
     Done,
     /// 64 * 64 * 4 bytes of cursor pixels in the resource's format.
     CursorImage(Vec<u8>),
+    /// A blob exported for mapping: its fd is on the lane under `fds` (one fd).
+    MapReady {
+        /// Echo of the blob's resource id (checked by the frontend).
+        resource_id: u32,
+        /// Bytes the VMM may map (at most the blob's size).
+        size: u64,
+        /// VIRTIO_GPU_MAP_CACHE_* for RESP_OK_MAP_INFO.
+        map_info: u32,
+        /// The exported fd on the lane.
+        fds: FdTicket,
+    },
+    /// The renderer no longer accesses the blob through the exported mapping.
+    UnmapAck {
+        /// Echo of the blob's resource id.
+        resource_id: u32,
+    },
+    /// The renderer released its mapping state for the blob.
+    FinalizeAck {
+        /// Echo of the blob's resource id.
+        resource_id: u32,
+    },
+    /// One capability set's id, highest version and size.
+    CapsetInfo {
+        /// Capset id (VIRTIO_GPU_CAPSET_*).
+        capset_id: u32,
+        /// Highest version.
+        max_version: u32,
+        /// Size in bytes of the capset data.
+        max_size: u32,
+    },
+    /// A capability set's bytes.
+    Capset(Vec<u8>),
 }
 
 /// Why the renderer could not execute a request. Maps one-to-one onto a

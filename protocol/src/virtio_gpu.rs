@@ -153,6 +153,15 @@ pub const VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE: u32 = 1 << 0;
 pub const VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE: u32 = 1 << 1;
 /// Blob flag: the blob may be shared across devices.
 pub const VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE: u32 = 1 << 2;
+/// Every blob flag the spec defines; any other bit is invalid.
+pub const VIRTIO_GPU_BLOB_FLAGS_ALL: u32 = VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE
+    | VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE
+    | VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE;
+
+/// Size of the `debug_name` array in struct virtio_gpu_ctx_create.
+pub const VIRTIO_GPU_CTX_DEBUG_NAME_SIZE: usize = 64;
+/// Size of a resource UUID.
+pub const VIRTIO_GPU_UUID_SIZE: usize = 16;
 
 /// Map info: mask of the caching type bits.
 pub const VIRTIO_GPU_MAP_CACHE_MASK: u32 = 0x0f;
@@ -204,6 +213,36 @@ pub const RESOURCE_DETACH_BACKING_SIZE: usize = CTRL_HDR_SIZE + 8;
 pub const CURSOR_POS_SIZE: usize = 16;
 /// struct virtio_gpu_update_cursor (also used by MOVE_CURSOR).
 pub const UPDATE_CURSOR_SIZE: usize = CTRL_HDR_SIZE + CURSOR_POS_SIZE + 16;
+/// struct virtio_gpu_get_capset_info.
+pub const GET_CAPSET_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resp_capset_info.
+pub const RESP_CAPSET_INFO_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// struct virtio_gpu_get_capset.
+pub const GET_CAPSET_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resp_capset, without its trailing capset data.
+pub const RESP_CAPSET_SIZE: usize = CTRL_HDR_SIZE;
+/// struct virtio_gpu_resource_assign_uuid.
+pub const RESOURCE_ASSIGN_UUID_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resp_resource_uuid.
+pub const RESP_RESOURCE_UUID_SIZE: usize = CTRL_HDR_SIZE + VIRTIO_GPU_UUID_SIZE;
+/// struct virtio_gpu_resource_create_blob, without its trailing entries.
+pub const RESOURCE_CREATE_BLOB_SIZE: usize = CTRL_HDR_SIZE + 32;
+/// struct virtio_gpu_set_scanout_blob.
+pub const SET_SCANOUT_BLOB_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 24 + 32;
+/// struct virtio_gpu_ctx_create.
+pub const CTX_CREATE_SIZE: usize = CTRL_HDR_SIZE + 8 + VIRTIO_GPU_CTX_DEBUG_NAME_SIZE;
+/// struct virtio_gpu_ctx_destroy (the header alone).
+pub const CTX_DESTROY_SIZE: usize = CTRL_HDR_SIZE;
+/// struct virtio_gpu_ctx_resource (CTX_ATTACH_RESOURCE and CTX_DETACH_RESOURCE).
+pub const CTX_RESOURCE_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_cmd_submit, without its trailing command bytes.
+pub const CMD_SUBMIT_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resource_map_blob.
+pub const RESOURCE_MAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// struct virtio_gpu_resp_map_info.
+pub const RESP_MAP_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resource_unmap_blob.
+pub const RESOURCE_UNMAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 8;
 
 // ---------------------------------------------------------------------------------------
 // Little-endian field access. Callers check lengths first; these return None rather than
@@ -530,6 +569,53 @@ impl Format {
 }
 
 // ---------------------------------------------------------------------------------------
+// Blob memory kinds.
+
+/// Where a blob resource's memory lives (the `blob_mem` field of RESOURCE_CREATE_BLOB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BlobMem {
+    /// VIRTIO_GPU_BLOB_MEM_GUEST: guest memory only, described by memory entries.
+    Guest,
+    /// VIRTIO_GPU_BLOB_MEM_HOST3D: host memory only, created by a context.
+    Host3d,
+    /// VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST: host memory created by a context, mirrored in
+    /// guest memory described by memory entries.
+    Host3dGuest,
+}
+
+impl BlobMem {
+    /// The kind with wire value `v`, if it is one the spec defines.
+    pub fn from_u32(v: u32) -> Option<BlobMem> {
+        Some(match v {
+            VIRTIO_GPU_BLOB_MEM_GUEST => BlobMem::Guest,
+            VIRTIO_GPU_BLOB_MEM_HOST3D => BlobMem::Host3d,
+            VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST => BlobMem::Host3dGuest,
+            _ => return None,
+        })
+    }
+
+    /// The kind's wire value.
+    pub fn as_u32(self) -> u32 {
+        match self {
+            BlobMem::Guest => VIRTIO_GPU_BLOB_MEM_GUEST,
+            BlobMem::Host3d => VIRTIO_GPU_BLOB_MEM_HOST3D,
+            BlobMem::Host3dGuest => VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST,
+        }
+    }
+
+    /// Whether the blob is backed by guest memory entries (GUEST and HOST3D_GUEST).
+    pub fn has_guest_backing(self) -> bool {
+        !matches!(self, BlobMem::Host3d)
+    }
+
+    /// Whether the blob is created by a rendering context (HOST3D and HOST3D_GUEST), so
+    /// the request's header must name one.
+    pub fn needs_context(self) -> bool {
+        !matches!(self, BlobMem::Guest)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Commands.
 
 /// A cursor position on a scanout (struct virtio_gpu_cursor_pos).
@@ -546,8 +632,9 @@ pub struct CursorPos {
 /// A decoded guest command. Variants carry the fields of the matching
 /// `struct virtio_gpu_*`, minus header and padding.
 ///
-/// New commands (3D, blob) are added as new variants together with a
-/// [`Command::cmd_type`] arm and an encoder arm; nothing else needs to change.
+/// Commands that act on a context (CTX_*, SUBMIT_3D, host blobs) take it from the
+/// request header's `ctx_id`; it is not repeated in the variant. New commands are added
+/// as new variants together with a [`Command::cmd_type`] arm and an encoder arm.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// VIRTIO_GPU_CMD_GET_DISPLAY_INFO.
@@ -626,6 +713,96 @@ pub enum Command {
         /// Where the cursor is.
         pos: CursorPos,
     },
+    /// VIRTIO_GPU_CMD_GET_CAPSET_INFO.
+    GetCapsetInfo {
+        /// Index of the capability set, from 0 to the configured count minus one.
+        capset_index: u32,
+    },
+    /// VIRTIO_GPU_CMD_GET_CAPSET.
+    GetCapset {
+        /// Capability set id (`VIRTIO_GPU_CAPSET_*`).
+        capset_id: u32,
+        /// Version wanted, at most the set's max_version.
+        capset_version: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID.
+    ResourceAssignUuid {
+        /// Resource to export (non-zero).
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB. The context, for host blobs, is the header's
+    /// `ctx_id`.
+    ResourceCreateBlob {
+        /// New resource's id (non-zero).
+        resource_id: u32,
+        /// Where the memory lives.
+        blob_mem: BlobMem,
+        /// `VIRTIO_GPU_BLOB_FLAG_USE_*` bits (no others).
+        blob_flags: u32,
+        /// Context-defined id of the host object (host blobs); unused for guest blobs.
+        blob_id: u64,
+        /// Size in bytes (non-zero).
+        size: u64,
+        /// Guest memory backing, concatenated in order; empty for HOST3D.
+        entries: Vec<BackingEntry>,
+    },
+    /// VIRTIO_GPU_CMD_SET_SCANOUT_BLOB.
+    SetScanoutBlob {
+        /// Scanout to configure.
+        scanout_id: u32,
+        /// Blob resource to show; 0 disables the scanout.
+        resource_id: u32,
+        /// Part of the framebuffer to show.
+        rect: Rect,
+        /// Framebuffer width in pixels.
+        width: u32,
+        /// Framebuffer height in pixels.
+        height: u32,
+        /// Pixel format.
+        format: Format,
+        /// Bytes per row of each plane.
+        strides: [u32; 4],
+        /// Byte offset of each plane in the blob.
+        offsets: [u32; 4],
+    },
+    /// VIRTIO_GPU_CMD_CTX_CREATE. The new context's id is the header's `ctx_id`.
+    CtxCreate {
+        /// With VIRTIO_GPU_F_CONTEXT_INIT: the capset id in the low 8 bits
+        /// ([`VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK`]); 0 means the default (virgl).
+        context_init: u32,
+        /// Debug name: the first `nlen` bytes of `debug_name` (at most 64), not
+        /// necessarily UTF-8 or NUL-free.
+        name: Vec<u8>,
+    },
+    /// VIRTIO_GPU_CMD_CTX_DESTROY of the header's `ctx_id`.
+    CtxDestroy,
+    /// VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE to the header's `ctx_id`.
+    CtxAttachResource {
+        /// Resource to make usable by the context (non-zero).
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE from the header's `ctx_id`.
+    CtxDetachResource {
+        /// Resource to revoke (non-zero).
+        resource_id: u32,
+    },
+    /// VIRTIO_GPU_CMD_SUBMIT_3D to the header's `ctx_id`.
+    Submit3d {
+        /// The context-specific command stream, opaque to the device frontend.
+        commands: Vec<u8>,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB.
+    ResourceMapBlob {
+        /// Mappable blob resource (non-zero).
+        resource_id: u32,
+        /// Byte offset in the host-visible shared memory region.
+        offset: u64,
+    },
+    /// VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB.
+    ResourceUnmapBlob {
+        /// Mapped blob resource (non-zero).
+        resource_id: u32,
+    },
 }
 
 impl Command {
@@ -643,6 +820,18 @@ impl Command {
             Command::ResourceDetachBacking { .. } => VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING,
             Command::UpdateCursor { .. } => VIRTIO_GPU_CMD_UPDATE_CURSOR,
             Command::MoveCursor { .. } => VIRTIO_GPU_CMD_MOVE_CURSOR,
+            Command::GetCapsetInfo { .. } => VIRTIO_GPU_CMD_GET_CAPSET_INFO,
+            Command::GetCapset { .. } => VIRTIO_GPU_CMD_GET_CAPSET,
+            Command::ResourceAssignUuid { .. } => VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
+            Command::ResourceCreateBlob { .. } => VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+            Command::SetScanoutBlob { .. } => VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+            Command::CtxCreate { .. } => VIRTIO_GPU_CMD_CTX_CREATE,
+            Command::CtxDestroy => VIRTIO_GPU_CMD_CTX_DESTROY,
+            Command::CtxAttachResource { .. } => VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE,
+            Command::CtxDetachResource { .. } => VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE,
+            Command::Submit3d { .. } => VIRTIO_GPU_CMD_SUBMIT_3D,
+            Command::ResourceMapBlob { .. } => VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+            Command::ResourceUnmapBlob { .. } => VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
         }
     }
 
@@ -692,7 +881,11 @@ impl Request {
                 put(*height);
             }
             Command::ResourceUnref { resource_id }
-            | Command::ResourceDetachBacking { resource_id } => {
+            | Command::ResourceDetachBacking { resource_id }
+            | Command::ResourceAssignUuid { resource_id }
+            | Command::CtxAttachResource { resource_id }
+            | Command::CtxDetachResource { resource_id }
+            | Command::ResourceUnmapBlob { resource_id } => {
                 put(*resource_id);
                 put(0);
             }
@@ -725,13 +918,81 @@ impl Request {
                 entries,
             } => {
                 put(*resource_id);
-                // A simulator never builds more than u32::MAX entries; saturate anyway.
-                put(u32::try_from(entries.len()).unwrap_or(u32::MAX));
-                for e in entries {
-                    out.extend_from_slice(&e.addr.to_le_bytes());
-                    out.extend_from_slice(&e.length.to_le_bytes());
-                    out.extend_from_slice(&0u32.to_le_bytes());
+                put(count_u32(entries.len()));
+                put_entries(&mut out, entries);
+            }
+            Command::GetCapsetInfo { capset_index } => {
+                put(*capset_index);
+                put(0);
+            }
+            Command::GetCapset {
+                capset_id,
+                capset_version,
+            } => {
+                put(*capset_id);
+                put(*capset_version);
+            }
+            Command::ResourceCreateBlob {
+                resource_id,
+                blob_mem,
+                blob_flags,
+                blob_id,
+                size,
+                entries,
+            } => {
+                put(*resource_id);
+                put(blob_mem.as_u32());
+                put(*blob_flags);
+                put(count_u32(entries.len()));
+                out.extend_from_slice(&blob_id.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+                put_entries(&mut out, entries);
+            }
+            Command::SetScanoutBlob {
+                scanout_id,
+                resource_id,
+                rect,
+                width,
+                height,
+                format,
+                strides,
+                offsets,
+            } => {
+                out.extend_from_slice(&rect.to_bytes());
+                let fields = [
+                    *scanout_id,
+                    *resource_id,
+                    *width,
+                    *height,
+                    format.as_u32(),
+                    0,
+                ];
+                for v in fields.iter().chain(strides).chain(offsets) {
+                    out.extend_from_slice(&v.to_le_bytes());
                 }
+            }
+            Command::CtxCreate { context_init, name } => {
+                // nlen is the name's true length, so an over-long name encodes as the
+                // malformed request it is; only the first 64 bytes fit in debug_name.
+                put(count_u32(name.len()));
+                put(*context_init);
+                let n = name.len().min(VIRTIO_GPU_CTX_DEBUG_NAME_SIZE);
+                out.extend_from_slice(&name[..n]);
+                out.resize(CTX_CREATE_SIZE, 0);
+            }
+            Command::CtxDestroy => {}
+            Command::Submit3d { commands } => {
+                put(count_u32(commands.len()));
+                put(0);
+                out.extend_from_slice(commands);
+            }
+            Command::ResourceMapBlob {
+                resource_id,
+                offset,
+            } => {
+                put(*resource_id);
+                put(0);
+                out.extend_from_slice(&offset.to_le_bytes());
             }
             Command::UpdateCursor {
                 pos,
@@ -759,6 +1020,21 @@ impl Request {
             }
         }
         out
+    }
+}
+
+/// A length as a u32 wire count; a simulator never builds more than u32::MAX of
+/// anything, but saturate rather than truncate anyway.
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Appends struct virtio_gpu_mem_entry for each entry.
+fn put_entries(out: &mut Vec<u8>, entries: &[BackingEntry]) {
+    for e in entries {
+        out.extend_from_slice(&e.addr.to_le_bytes());
+        out.extend_from_slice(&e.length.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
     }
 }
 
@@ -832,6 +1108,26 @@ pub enum Response {
     /// VIRTIO_GPU_RESP_OK_EDID: the EDID blob; only the first 1024 bytes fit on the wire,
     /// the rest is dropped.
     OkEdid(Vec<u8>),
+    /// VIRTIO_GPU_RESP_OK_CAPSET_INFO: one capability set's description.
+    OkCapsetInfo {
+        /// Capability set id (`VIRTIO_GPU_CAPSET_*`).
+        capset_id: u32,
+        /// Highest version of the set the device supports.
+        max_version: u32,
+        /// Size in bytes of the set's data, the most GET_CAPSET will return.
+        max_size: u32,
+    },
+    /// VIRTIO_GPU_RESP_OK_CAPSET: the capability set's bytes, right after the header.
+    /// The executor must bound these by the set's `max_size` and by the writable buffer
+    /// (CVE-2021-3546).
+    OkCapset(Vec<u8>),
+    /// VIRTIO_GPU_RESP_OK_RESOURCE_UUID: the UUID assigned to the resource.
+    OkResourceUuid([u8; VIRTIO_GPU_UUID_SIZE]),
+    /// VIRTIO_GPU_RESP_OK_MAP_INFO: how the mapped blob is cached.
+    OkMapInfo {
+        /// `VIRTIO_GPU_MAP_CACHE_*` in the low bits ([`VIRTIO_GPU_MAP_CACHE_MASK`]).
+        map_info: u32,
+    },
     /// An error.
     Err(ErrorCode),
 }
@@ -843,6 +1139,10 @@ impl Response {
             Response::OkNodata => VIRTIO_GPU_RESP_OK_NODATA,
             Response::OkDisplayInfo(_) => VIRTIO_GPU_RESP_OK_DISPLAY_INFO,
             Response::OkEdid(_) => VIRTIO_GPU_RESP_OK_EDID,
+            Response::OkCapsetInfo { .. } => VIRTIO_GPU_RESP_OK_CAPSET_INFO,
+            Response::OkCapset(_) => VIRTIO_GPU_RESP_OK_CAPSET,
+            Response::OkResourceUuid(_) => VIRTIO_GPU_RESP_OK_RESOURCE_UUID,
+            Response::OkMapInfo { .. } => VIRTIO_GPU_RESP_OK_MAP_INFO,
             Response::Err(e) => e.resp_type(),
         }
     }
@@ -853,6 +1153,10 @@ impl Response {
             Response::OkNodata | Response::Err(_) => CTRL_HDR_SIZE,
             Response::OkDisplayInfo(_) => RESP_DISPLAY_INFO_SIZE,
             Response::OkEdid(_) => RESP_EDID_SIZE,
+            Response::OkCapsetInfo { .. } => RESP_CAPSET_INFO_SIZE,
+            Response::OkCapset(data) => RESP_CAPSET_SIZE.saturating_add(data.len()),
+            Response::OkResourceUuid(_) => RESP_RESOURCE_UUID_SIZE,
+            Response::OkMapInfo { .. } => RESP_MAP_INFO_SIZE,
         }
     }
 }
@@ -907,6 +1211,21 @@ pub fn encode_response(req: Option<&CtrlHeader>, resp: &Response) -> Vec<u8> {
             out.extend_from_slice(&edid[..n]);
             out.resize(RESP_EDID_SIZE, 0);
         }
+        Response::OkCapsetInfo {
+            capset_id,
+            max_version,
+            max_size,
+        } => {
+            for v in [*capset_id, *max_version, *max_size, 0] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Response::OkCapset(data) => out.extend_from_slice(data),
+        Response::OkResourceUuid(uuid) => out.extend_from_slice(uuid),
+        Response::OkMapInfo { map_info } => {
+            out.extend_from_slice(&map_info.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+        }
     }
     out
 }
@@ -939,6 +1258,31 @@ pub fn decode_response(b: &[u8]) -> Option<(CtrlHeader, Response)> {
             }
             let start = CTRL_HDR_SIZE + 8;
             Response::OkEdid(b.get(start..start + size)?.to_vec())
+        }
+        VIRTIO_GPU_RESP_OK_CAPSET_INFO => {
+            if b.len() < RESP_CAPSET_INFO_SIZE {
+                return None;
+            }
+            Response::OkCapsetInfo {
+                capset_id: read_le_u32(b, CTRL_HDR_SIZE)?,
+                max_version: read_le_u32(b, CTRL_HDR_SIZE + 4)?,
+                max_size: read_le_u32(b, CTRL_HDR_SIZE + 8)?,
+            }
+        }
+        // The data has no length field: it is everything after the header, so pass
+        // exactly the bytes the device wrote.
+        VIRTIO_GPU_RESP_OK_CAPSET => Response::OkCapset(b.get(RESP_CAPSET_SIZE..)?.to_vec()),
+        VIRTIO_GPU_RESP_OK_RESOURCE_UUID => {
+            let uuid = b.get(CTRL_HDR_SIZE..RESP_RESOURCE_UUID_SIZE)?;
+            Response::OkResourceUuid(uuid.try_into().ok()?)
+        }
+        VIRTIO_GPU_RESP_OK_MAP_INFO => {
+            if b.len() < RESP_MAP_INFO_SIZE {
+                return None;
+            }
+            Response::OkMapInfo {
+                map_info: read_le_u32(b, CTRL_HDR_SIZE)?,
+            }
         }
         t => Response::Err(ErrorCode::from_resp_type(t)?),
     };
@@ -978,6 +1322,216 @@ mod tests {
         assert_eq!(TRANSFER_TO_HOST_2D_SIZE, 56);
         assert_eq!(RESOURCE_ATTACH_BACKING_SIZE, 32);
         assert_eq!(UPDATE_CURSOR_SIZE, 56);
+        // The blob, context and capset structs, as laid out in virtio 1.3 section 5.7.6.
+        assert_eq!(GET_CAPSET_INFO_SIZE, 32);
+        assert_eq!(RESP_CAPSET_INFO_SIZE, 40);
+        assert_eq!(GET_CAPSET_SIZE, 32);
+        assert_eq!(RESOURCE_ASSIGN_UUID_SIZE, 32);
+        assert_eq!(RESP_RESOURCE_UUID_SIZE, 40);
+        assert_eq!(RESOURCE_CREATE_BLOB_SIZE, 56);
+        assert_eq!(SET_SCANOUT_BLOB_SIZE, 96);
+        assert_eq!(CTX_CREATE_SIZE, 96);
+        assert_eq!(CTX_DESTROY_SIZE, 24);
+        assert_eq!(CTX_RESOURCE_SIZE, 32);
+        assert_eq!(CMD_SUBMIT_SIZE, 32);
+        assert_eq!(RESOURCE_MAP_BLOB_SIZE, 40);
+        assert_eq!(RESP_MAP_INFO_SIZE, 32);
+        assert_eq!(RESOURCE_UNMAP_BLOB_SIZE, 32);
+    }
+
+    #[test]
+    fn blob_mem_wire_values_roundtrip() {
+        for m in [BlobMem::Guest, BlobMem::Host3d, BlobMem::Host3dGuest] {
+            assert_eq!(BlobMem::from_u32(m.as_u32()), Some(m));
+        }
+        assert_eq!(BlobMem::Guest.as_u32(), 1);
+        assert_eq!(BlobMem::Host3dGuest.as_u32(), 3);
+        assert_eq!(BlobMem::from_u32(0), None);
+        assert_eq!(BlobMem::from_u32(4), None);
+        assert!(BlobMem::Guest.has_guest_backing() && !BlobMem::Guest.needs_context());
+        assert!(!BlobMem::Host3d.has_guest_backing() && BlobMem::Host3d.needs_context());
+        assert!(BlobMem::Host3dGuest.has_guest_backing() && BlobMem::Host3dGuest.needs_context());
+        assert_eq!(VIRTIO_GPU_BLOB_FLAGS_ALL, 7);
+    }
+
+    #[test]
+    fn new_responses_roundtrip() {
+        let fenced = CtrlHeader {
+            type_: VIRTIO_GPU_CMD_GET_CAPSET,
+            flags: VIRTIO_GPU_FLAG_FENCE,
+            fence_id: 3,
+            ctx_id: 0,
+            ring_idx: 0,
+        };
+        let cases = [
+            (
+                Response::OkCapsetInfo {
+                    capset_id: VIRTIO_GPU_CAPSET_CROSS_DOMAIN,
+                    max_version: 0,
+                    max_size: 308,
+                },
+                RESP_CAPSET_INFO_SIZE,
+            ),
+            (Response::OkCapset(vec![1, 2, 3, 4, 5]), CTRL_HDR_SIZE + 5),
+            (Response::OkCapset(Vec::new()), CTRL_HDR_SIZE),
+            (
+                Response::OkResourceUuid(core::array::from_fn(|i| i as u8 + 1)),
+                RESP_RESOURCE_UUID_SIZE,
+            ),
+            (
+                Response::OkMapInfo {
+                    map_info: VIRTIO_GPU_MAP_CACHE_CACHED,
+                },
+                RESP_MAP_INFO_SIZE,
+            ),
+        ];
+        for (resp, len) in cases {
+            assert_eq!(resp.encoded_len(), len, "{resp:?}");
+            let b = encode_response(Some(&fenced), &resp);
+            assert_eq!(b.len(), len, "{resp:?}");
+            let (h, back) = decode_response(&b).unwrap();
+            assert_eq!(h.type_, resp.resp_type());
+            assert_eq!(h.fence_id, 3);
+            assert_eq!(back, resp);
+            // Truncated fixed-size responses do not decode.
+            if !matches!(resp, Response::OkCapset(_)) {
+                assert_eq!(decode_response(&b[..len - 1]), None, "{resp:?}");
+            }
+        }
+        let b = encode_response(
+            None,
+            &Response::OkCapsetInfo {
+                capset_id: 5,
+                max_version: 6,
+                max_size: 7,
+            },
+        );
+        assert_eq!(read_le_u32(&b, 24), Some(5));
+        assert_eq!(read_le_u32(&b, 28), Some(6));
+        assert_eq!(read_le_u32(&b, 32), Some(7));
+        assert_eq!(read_le_u32(&b, 36), Some(0));
+        let b = encode_response(None, &Response::OkMapInfo { map_info: 3 });
+        assert_eq!(&b[24..], &[3, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn new_request_layouts() {
+        let enc = |cmd: Command| {
+            Request {
+                hdr: CtrlHeader {
+                    ctx_id: 9,
+                    ..CtrlHeader::default()
+                },
+                cmd,
+            }
+            .encode()
+        };
+
+        let b = enc(Command::CtxCreate {
+            context_init: VIRTIO_GPU_CAPSET_CROSS_DOMAIN,
+            name: b"wayland".to_vec(),
+        });
+        assert_eq!(b.len(), CTX_CREATE_SIZE);
+        assert_eq!(read_le_u32(&b, 0), Some(VIRTIO_GPU_CMD_CTX_CREATE));
+        assert_eq!(read_le_u32(&b, 16), Some(9));
+        assert_eq!(read_le_u32(&b, 24), Some(7));
+        assert_eq!(read_le_u32(&b, 28), Some(5));
+        assert_eq!(&b[32..39], b"wayland");
+        assert!(b[39..].iter().all(|&x| x == 0));
+        // An over-long name keeps its true nlen but only 64 bytes of it.
+        let b = enc(Command::CtxCreate {
+            context_init: 0,
+            name: vec![b'x'; 100],
+        });
+        assert_eq!(b.len(), CTX_CREATE_SIZE);
+        assert_eq!(read_le_u32(&b, 24), Some(100));
+
+        assert_eq!(enc(Command::CtxDestroy).len(), CTX_DESTROY_SIZE);
+
+        let b = enc(Command::Submit3d {
+            commands: vec![0xcc; 12],
+        });
+        assert_eq!(b.len(), CMD_SUBMIT_SIZE + 12);
+        assert_eq!(read_le_u32(&b, 24), Some(12));
+        assert_eq!(read_le_u32(&b, 28), Some(0));
+
+        let b = enc(Command::ResourceCreateBlob {
+            resource_id: 4,
+            blob_mem: BlobMem::Host3dGuest,
+            blob_flags: VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+            blob_id: 0x1122_3344_5566_7788,
+            size: 0x1_0000_0000,
+            entries: vec![BackingEntry {
+                addr: 0xabc000,
+                length: 4096,
+            }],
+        });
+        assert_eq!(b.len(), RESOURCE_CREATE_BLOB_SIZE + MEM_ENTRY_SIZE);
+        assert_eq!(read_le_u32(&b, 24), Some(4));
+        assert_eq!(read_le_u32(&b, 28), Some(3));
+        assert_eq!(read_le_u32(&b, 32), Some(1));
+        assert_eq!(read_le_u32(&b, 36), Some(1));
+        assert_eq!(read_le_u64(&b, 40), Some(0x1122_3344_5566_7788));
+        assert_eq!(read_le_u64(&b, 48), Some(0x1_0000_0000));
+        assert_eq!(read_le_u64(&b, 56), Some(0xabc000));
+        assert_eq!(read_le_u32(&b, 64), Some(4096));
+
+        let b = enc(Command::SetScanoutBlob {
+            scanout_id: 1,
+            resource_id: 2,
+            rect: Rect {
+                x: 3,
+                y: 4,
+                width: 5,
+                height: 6,
+            },
+            width: 7,
+            height: 8,
+            format: Format::B8G8R8X8Unorm,
+            strides: [10, 11, 12, 13],
+            offsets: [20, 21, 22, 23],
+        });
+        assert_eq!(b.len(), SET_SCANOUT_BLOB_SIZE);
+        let words: Vec<u32> = (24..96)
+            .step_by(4)
+            .map(|o| read_le_u32(&b, o).unwrap())
+            .collect();
+        assert_eq!(
+            words,
+            [3, 4, 5, 6, 1, 2, 7, 8, 2, 0, 10, 11, 12, 13, 20, 21, 22, 23]
+        );
+
+        let b = enc(Command::ResourceMapBlob {
+            resource_id: 5,
+            offset: 0x20_0000,
+        });
+        assert_eq!(b.len(), RESOURCE_MAP_BLOB_SIZE);
+        assert_eq!(read_le_u32(&b, 24), Some(5));
+        assert_eq!(read_le_u64(&b, 32), Some(0x20_0000));
+
+        for (cmd, len) in [
+            (Command::ResourceUnmapBlob { resource_id: 5 }, 32),
+            (Command::ResourceAssignUuid { resource_id: 5 }, 32),
+            (Command::CtxAttachResource { resource_id: 5 }, 32),
+            (Command::CtxDetachResource { resource_id: 5 }, 32),
+            (Command::GetCapsetInfo { capset_index: 5 }, 32),
+        ] {
+            let b = enc(cmd.clone());
+            assert_eq!(b.len(), len, "{cmd:?}");
+            assert_eq!(read_le_u32(&b, 0), Some(cmd.cmd_type()));
+            assert_eq!(read_le_u32(&b, 24), Some(5), "{cmd:?}");
+            assert_eq!(read_le_u32(&b, 28), Some(0), "{cmd:?}");
+        }
+        let b = enc(Command::GetCapset {
+            capset_id: 2,
+            capset_version: 1,
+        });
+        assert_eq!(b.len(), GET_CAPSET_SIZE);
+        assert_eq!(
+            (read_le_u32(&b, 24), read_le_u32(&b, 28)),
+            (Some(2), Some(1))
+        );
+        assert!(!Command::Submit3d { commands: vec![] }.is_cursor());
     }
 
     #[test]

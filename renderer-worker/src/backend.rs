@@ -1,8 +1,11 @@
-//! The one trait every renderer backend implements (2D rutabaga now, virgl later).
+//! The one trait every renderer backend implements (rutabaga 2D + cross-domain now, virgl
+//! later).
 //!
 //! Backends are driven from a single thread (virglrenderer needs all its calls on one GL
 //! thread), strictly in request order, and answer every problem with a
 //! [`RenderError`] instead of panicking: the arguments come, indirectly, from the guest.
+
+use std::os::fd::OwnedFd;
 
 use protocol::ipc::{FenceInfo, RenderError};
 use protocol::virtio_gpu::Rect;
@@ -15,7 +18,47 @@ pub const BYTES_PER_PIXEL: u32 = 4;
 /// The VIRTIO_GPU_FORMAT_* values a 2D resource may have (all 4 bytes per pixel).
 pub const VIRTIO_GPU_FORMATS: [u32; 8] = [1, 2, 3, 4, 67, 68, 121, 134];
 
+/// What RESOURCE_CREATE_BLOB asks for, minus the resource id and the backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobCreate {
+    /// Context that owns the blob (0 for BLOB_MEM_GUEST).
+    pub ctx_id: u32,
+    /// VIRTIO_GPU_BLOB_MEM_*.
+    pub blob_mem: u32,
+    /// VIRTIO_GPU_BLOB_FLAG_*.
+    pub blob_flags: u32,
+    /// Context-specific name of the host allocation (HOST3D, HOST3D_GUEST).
+    pub blob_id: u64,
+    /// Size in bytes (never 0).
+    pub size: u64,
+}
+
+/// A blob exported for the VMM to map into the guest's host-visible window.
+#[derive(Debug)]
+pub struct ExportedBlob {
+    /// A descriptor the VMM can `mmap` (`MAP_SHARED`): a memfd / shm file.
+    pub fd: OwnedFd,
+    /// Bytes of `fd` that belong to the blob (from offset 0).
+    pub size: u64,
+    /// VIRTIO_GPU_MAP_CACHE_* of the mapping.
+    pub map_info: u32,
+}
+
+/// One capability set as GET_CAPSET_INFO reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapsetInfo {
+    /// VIRTIO_GPU_CAPSET_*.
+    pub capset_id: u32,
+    /// Highest version.
+    pub max_version: u32,
+    /// Bytes of the capset data.
+    pub max_size: u32,
+}
+
 /// A renderer backend.
+///
+/// Resource ids are one namespace across 2D resources and blobs; context ids are the
+/// guest's. Each method checks its own ids and arguments (the executor checks them too).
 pub trait Renderer {
     /// Creates a `width` x `height` 2D resource of a VIRTIO_GPU_FORMAT_* `format`.
     /// An id that already exists is an [`RenderError::InvalidResource`] error.
@@ -61,6 +104,72 @@ pub trait Renderer {
     /// before it has completed (at once, for 2D).
     fn create_fence(&mut self, fence: FenceInfo) -> Result<(), RenderError>;
 
-    /// Destroys every resource (device reset).
+    /// Destroys every context and every resource (device reset).
     fn reset(&mut self) -> Result<(), RenderError>;
+
+    /// Number of capability sets (the device's `num_capsets`).
+    fn num_capsets(&self) -> u32;
+
+    /// The capability set at `index` (below [`Renderer::num_capsets`]).
+    fn capset_info(&self, index: u32) -> Result<CapsetInfo, RenderError>;
+
+    /// The bytes of capability set `capset_id` at `version` (at most its max version).
+    fn capset(&self, capset_id: u32, version: u32) -> Result<Vec<u8>, RenderError>;
+
+    /// Creates rendering context `ctx_id` of the capset in the low byte of `context_init`.
+    fn create_context(
+        &mut self,
+        ctx_id: u32,
+        context_init: u32,
+        name: &str,
+    ) -> Result<(), RenderError>;
+
+    /// Destroys a context; the resources attached to it stay alive.
+    fn destroy_context(&mut self, ctx_id: u32) -> Result<(), RenderError>;
+
+    /// Makes a resource visible to a context (CTX_ATTACH_RESOURCE).
+    fn context_attach_resource(&mut self, ctx_id: u32, resource_id: u32)
+        -> Result<(), RenderError>;
+
+    /// Withdraws a resource from a context (CTX_DETACH_RESOURCE).
+    fn context_detach_resource(&mut self, ctx_id: u32, resource_id: u32)
+        -> Result<(), RenderError>;
+
+    /// Executes a SUBMIT_3D command stream in the context's own protocol.
+    fn submit_3d(
+        &mut self,
+        ctx_id: u32,
+        ring_idx: u8,
+        commands: &mut [u8],
+    ) -> Result<(), RenderError>;
+
+    /// Creates blob resource `resource_id`. `backing` is the translated guest memory for
+    /// BLOB_MEM_GUEST (required) and HOST3D_GUEST (optional); the backend keeps it (and the
+    /// guest mapping) alive until the blob is destroyed.
+    fn create_blob(
+        &mut self,
+        resource_id: u32,
+        create: BlobCreate,
+        backing: Option<Backing>,
+    ) -> Result<(), RenderError>;
+
+    /// Exports a host blob for mapping (RESOURCE_MAP_BLOB). A blob without the MAPPABLE
+    /// flag, or one living in guest memory, is an [`RenderError::InvalidParameter`].
+    fn export_blob(&mut self, resource_id: u32) -> Result<ExportedBlob, RenderError>;
+
+    /// The VMM is taking the exported blob out of the guest's window: stop any CPU access
+    /// of the backend's own through the export.
+    fn unmap_blob(&mut self, resource_id: u32) -> Result<(), RenderError>;
+
+    /// The unmap is complete on both sides: release the backend's mapping state.
+    fn finalize_blob(&mut self, resource_id: u32) -> Result<(), RenderError>;
+
+    /// Copies `dst.len()` bytes of a blob, from byte `offset`, into `dst` (scanout of blob
+    /// resources, and proof that the renderer sees what the guest wrote).
+    fn read_blob(
+        &mut self,
+        resource_id: u32,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), RenderError>;
 }

@@ -5,7 +5,8 @@
 //! the request's fence, so the frontend always sees a request's reply before its
 //! `FenceSignaled` (for 2D the fence completes inside `create_fence`).
 
-use std::os::fd::OwnedFd;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use ipc_channel::ipc::IpcReceiver;
@@ -15,8 +16,11 @@ use protocol::ipc::{
     FenceInfo, RenderError, RendererEvent, RendererOp, RendererRequest, ReplyBody,
 };
 use protocol::lane::{FdTicket, Lane};
+use protocol::virtio_gpu::{
+    VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D, VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST,
+};
 
-use crate::backend::Renderer;
+use crate::backend::{BlobCreate, Renderer};
 use crate::cursor::read_cursor;
 use crate::error::RendererError;
 use crate::events::{EventSink, SinkClosed};
@@ -29,6 +33,18 @@ use crate::scanout::Scanouts;
 /// round their allocations up, but nothing legitimate needs more.
 const BACKING_SLACK: u64 = 1 << 20;
 
+/// Where a blob is in the renderer's half of the mapping state machine (the frontend owns
+/// the whole machine; this only makes sure each step comes once and in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlobMapState {
+    /// Not exported (never mapped, or its last unmap was finalized).
+    Idle,
+    /// `Map` answered: the VMM holds (or is about to hold) an fd of it.
+    Exported,
+    /// `Unmap` answered; waiting for `Finalize`.
+    Unmapped,
+}
+
 /// The renderer's request executor.
 pub struct Executor<R: Renderer> {
     renderer: R,
@@ -38,6 +54,8 @@ pub struct Executor<R: Renderer> {
     ledger: ResourceLedger,
     memory: Option<Arc<GuestMemory>>,
     scanouts: Scanouts,
+    /// Every live blob's mapping state.
+    blobs: BTreeMap<u32, BlobMapState>,
 }
 
 impl<R: Renderer> std::fmt::Debug for Executor<R> {
@@ -45,6 +63,7 @@ impl<R: Renderer> std::fmt::Debug for Executor<R> {
         f.debug_struct("Executor")
             .field("ledger", &self.ledger)
             .field("memory", &self.memory)
+            .field("blobs", &self.blobs)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +81,17 @@ fn describe(op: &RendererOp) -> &'static str {
         RendererOp::FlushToScanout { .. } => "FlushToScanout",
         RendererOp::ReadCursor { .. } => "ReadCursor",
         RendererOp::Reset => "Reset",
+        RendererOp::CreateContext { .. } => "CreateContext",
+        RendererOp::DestroyContext { .. } => "DestroyContext",
+        RendererOp::AttachResource { .. } => "AttachResource",
+        RendererOp::DetachResource { .. } => "DetachResource",
+        RendererOp::Submit3d { .. } => "Submit3d",
+        RendererOp::CreateBlob { .. } => "CreateBlob",
+        RendererOp::Map { .. } => "Map",
+        RendererOp::Unmap { .. } => "Unmap",
+        RendererOp::Finalize { .. } => "Finalize",
+        RendererOp::GetCapsetInfo { .. } => "GetCapsetInfo",
+        RendererOp::GetCapset { .. } => "GetCapset",
     }
 }
 
@@ -77,7 +107,13 @@ impl<R: Renderer> Executor<R> {
             ledger: ResourceLedger::new(config.limits),
             memory: None,
             scanouts: Scanouts::new(config.outputs.len()),
+            blobs: BTreeMap::new(),
         }
+    }
+
+    /// The backend (for tests and diagnostics).
+    pub fn renderer(&mut self) -> &mut R {
+        &mut self.renderer
     }
 
     /// Handles requests until the frontend closes the channel (`Ok`), or the channel
@@ -137,6 +173,88 @@ impl<R: Renderer> Executor<R> {
             .map_err(|e| RenderError::Unspec(format!("descriptor lane: {e}")))
     }
 
+    /// Checks that blob `resource_id` is in state `expected` for `op`.
+    fn expect_blob(
+        &self,
+        resource_id: u32,
+        op: &str,
+        expected: BlobMapState,
+    ) -> Result<(), RenderError> {
+        let state = match self.blobs.get(&resource_id) {
+            Some(state) => *state,
+            None => {
+                if self.ledger.get(resource_id).is_ok() {
+                    return Err(RenderError::InvalidParameter(format!(
+                        "{op}: resource {resource_id} is not a blob"
+                    )));
+                }
+                return Err(RenderError::InvalidResource(resource_id));
+            }
+        };
+        if state != expected {
+            log::warn!("{op} of blob {resource_id} in state {state:?} (needs {expected:?})");
+            return Err(RenderError::InvalidResource(resource_id));
+        }
+        Ok(())
+    }
+
+    fn create_blob(
+        &mut self,
+        resource_id: u32,
+        create: BlobCreate,
+        entries: Vec<protocol::ipc::BackingEntry>,
+    ) -> Result<(), RenderError> {
+        let host_bytes = match create.blob_mem {
+            // Guest memory: no host allocation, only the count limit applies.
+            VIRTIO_GPU_BLOB_MEM_GUEST => 0,
+            VIRTIO_GPU_BLOB_MEM_HOST3D | VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST => create.size,
+            other => {
+                return Err(RenderError::InvalidParameter(format!("blob_mem {other}")));
+            }
+        };
+        let info = self.ledger.admit_blob(resource_id, host_bytes)?;
+        let backing = if entries.is_empty() && create.blob_mem != VIRTIO_GPU_BLOB_MEM_GUEST {
+            None
+        } else {
+            let memory = self
+                .memory
+                .as_ref()
+                .ok_or_else(|| RenderError::InvalidParameter("no guest memory table".into()))?;
+            Some(memory.translate(
+                &entries,
+                self.limits.max_backing_entries as usize,
+                create.size,
+            )?)
+        };
+        self.renderer.create_blob(resource_id, create, backing)?;
+        self.ledger.insert(resource_id, info);
+        self.blobs.insert(resource_id, BlobMapState::Idle);
+        Ok(())
+    }
+
+    fn map_blob(&mut self, resource_id: u32) -> Result<ReplyBody, RenderError> {
+        self.expect_blob(resource_id, "Map", BlobMapState::Idle)?;
+        let exported = self.renderer.export_blob(resource_id)?;
+        let fds = self
+            .lane
+            .send(&[exported.fd.as_fd()])
+            .map_err(|e| RenderError::Unspec(format!("descriptor lane: {e}")))?;
+        // Our copy of the fd closes here; the frontend's is in flight on the lane.
+        drop(exported.fd);
+        self.blobs.insert(resource_id, BlobMapState::Exported);
+        log::debug!(
+            "blob {resource_id} exported: {} bytes, map_info {:#x}",
+            exported.size,
+            exported.map_info
+        );
+        Ok(ReplyBody::MapReady {
+            resource_id,
+            size: exported.size,
+            map_info: exported.map_info,
+            fds,
+        })
+    }
+
     /// Executes one operation.
     pub fn execute(&mut self, op: RendererOp) -> Result<ReplyBody, RenderError> {
         match op {
@@ -163,8 +281,10 @@ impl<R: Renderer> Executor<R> {
             RendererOp::Unref { resource_id } => {
                 self.ledger.get(resource_id)?;
                 let result = self.renderer.unref(resource_id);
-                // The renderer has forgotten the resource even if it complained.
+                // The renderer has forgotten the resource even if it complained. A mapped
+                // blob may go too: the VMM's fd keeps its memory alive until it unmaps.
                 self.ledger.remove(resource_id);
+                self.blobs.remove(&resource_id);
                 result?;
             }
             RendererOp::AttachBacking {
@@ -214,6 +334,11 @@ impl<R: Renderer> Executor<R> {
                     )));
                 }
                 let fd = fds.remove(0);
+                if self.ledger.get(resource_id)?.blob {
+                    return Err(RenderError::InvalidParameter(format!(
+                        "resource {resource_id} is a blob: no 2D scanout of it"
+                    )));
+                }
                 self.scanouts
                     .bind(&self.ledger, scanout_id, resource_id, size, stride, fd)?;
                 log::info!("scanout {scanout_id} shows resource {resource_id}");
@@ -231,11 +356,86 @@ impl<R: Renderer> Executor<R> {
                 let image = read_cursor(&mut self.renderer, resource_id, info)?;
                 return Ok(ReplyBody::CursorImage(image));
             }
+            RendererOp::CreateContext {
+                ctx_id,
+                context_init,
+                name,
+            } => {
+                let name = String::from_utf8_lossy(&name);
+                self.renderer.create_context(ctx_id, context_init, &name)?;
+            }
+            RendererOp::DestroyContext { ctx_id } => {
+                self.renderer.destroy_context(ctx_id)?;
+            }
+            RendererOp::AttachResource {
+                ctx_id,
+                resource_id,
+            } => {
+                self.ledger.get(resource_id)?;
+                self.renderer.context_attach_resource(ctx_id, resource_id)?;
+            }
+            RendererOp::DetachResource {
+                ctx_id,
+                resource_id,
+            } => {
+                self.ledger.get(resource_id)?;
+                self.renderer.context_detach_resource(ctx_id, resource_id)?;
+            }
+            RendererOp::Submit3d {
+                ctx_id,
+                ring_idx,
+                mut commands,
+            } => {
+                self.renderer.submit_3d(ctx_id, ring_idx, &mut commands)?;
+            }
+            RendererOp::CreateBlob {
+                ctx_id,
+                resource_id,
+                blob_mem,
+                blob_flags,
+                blob_id,
+                size,
+                entries,
+            } => {
+                let create = BlobCreate {
+                    ctx_id,
+                    blob_mem,
+                    blob_flags,
+                    blob_id,
+                    size,
+                };
+                self.create_blob(resource_id, create, entries)?;
+            }
+            RendererOp::Map { resource_id } => return self.map_blob(resource_id),
+            RendererOp::Unmap { resource_id } => {
+                self.expect_blob(resource_id, "Unmap", BlobMapState::Exported)?;
+                self.renderer.unmap_blob(resource_id)?;
+                self.blobs.insert(resource_id, BlobMapState::Unmapped);
+                return Ok(ReplyBody::UnmapAck { resource_id });
+            }
+            RendererOp::Finalize { resource_id } => {
+                self.expect_blob(resource_id, "Finalize", BlobMapState::Unmapped)?;
+                self.renderer.finalize_blob(resource_id)?;
+                self.blobs.insert(resource_id, BlobMapState::Idle);
+                return Ok(ReplyBody::FinalizeAck { resource_id });
+            }
+            RendererOp::GetCapsetInfo { index } => {
+                let info = self.renderer.capset_info(index)?;
+                return Ok(ReplyBody::CapsetInfo {
+                    capset_id: info.capset_id,
+                    max_version: info.max_version,
+                    max_size: info.max_size,
+                });
+            }
+            RendererOp::GetCapset { capset_id, version } => {
+                return Ok(ReplyBody::Capset(self.renderer.capset(capset_id, version)?));
+            }
             RendererOp::Reset => {
                 // Scanouts first: nothing may read a resource while it goes away.
                 self.scanouts.clear();
                 let result = self.renderer.reset();
                 self.ledger.clear();
+                self.blobs.clear();
                 self.memory = None;
                 log::info!("device reset");
                 result?;

@@ -1,7 +1,7 @@
 //! The renderer-worker role of vgpu-sandbox: the jailed process that owns the renderer.
 //!
 //! It receives validated requests from the device-frontend, executes them on a renderer
-//! backend ([`Renderer`]; rutabaga 2D today) in strict order on one thread, and answers
+//! backend ([`Renderer`]; rutabaga 2D and cross-domain today) in strict order on one thread, and answers
 //! with replies and fence events. Guest memory and scanout buffers reach it as fds on the
 //! descriptor lane and are mapped here; nothing leaves it as a pointer.
 
@@ -16,19 +16,24 @@ mod geometry;
 mod guest_memory;
 mod mapping;
 mod resources;
-mod rutabaga_2d;
+mod rutabaga_renderer;
 mod sandbox;
 mod scanout;
 #[cfg(test)]
 mod test_util;
 
-pub use backend::{Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS};
+pub use backend::{
+    BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS,
+};
 pub use cursor::{CURSOR_BYTES, CURSOR_SIZE};
 pub use error::RendererError;
 pub use events::{EventSink, SinkClosed};
 pub use executor::Executor;
 pub use guest_memory::{Backing, GuestMemory, HostIovec, MAX_REGIONS};
-pub use rutabaga_2d::Rutabaga2d;
+pub use rutabaga_renderer::{
+    check_cross_domain_commands, Rutabaga2d, RutabagaRenderer, CAPSETS, MAX_CONTEXTS,
+    MAX_IMAGE_QUERIES_PER_CONTEXT, NUM_CAPSETS,
+};
 pub use sandbox::enter_jail;
 
 use protocol::bootstrap::{ChildStatus, RendererBootstrap};
@@ -63,9 +68,12 @@ pub fn run(boot: RendererBootstrap) -> Result<(), RendererError> {
     let doorbell =
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(doorbell_fd) };
     let events = EventSink::with_doorbell(events, doorbell);
-    let renderer =
-        Rutabaga2d::new(config.limits, events.fence_callback()).map_err(RendererError::Init)?;
-    log::info!("renderer built (rutabaga 2D)");
+    let renderer = RutabagaRenderer::new(config.limits, events.fence_callback())
+        .map_err(RendererError::Init)?;
+    log::info!(
+        "renderer built (rutabaga 2D + cross-domain, {} capsets)",
+        renderer.num_capsets()
+    );
     let executor = Executor::new(renderer, lane, events, &config);
     sandbox::enter_jail(&config)?;
     to_broker

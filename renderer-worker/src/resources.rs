@@ -17,6 +17,8 @@ pub struct ResourceInfo {
     pub height: u32,
     /// Host bytes it accounts for.
     pub bytes: u64,
+    /// Whether it is a blob (width and height are then 0: blobs have no 2D shape).
+    pub blob: bool,
 }
 
 /// Live resources and the bytes they hold.
@@ -76,6 +78,41 @@ impl ResourceLedger {
             width,
             height,
             bytes,
+            blob: false,
+        })
+    }
+
+    /// Checks that blob `resource_id`, holding `host_bytes` of host memory, may be created,
+    /// without recording it (call [`ResourceLedger::insert`] once the renderer created it).
+    pub fn admit_blob(
+        &self,
+        resource_id: u32,
+        host_bytes: u64,
+    ) -> Result<ResourceInfo, RenderError> {
+        if resource_id == 0 || self.resources.contains_key(&resource_id) {
+            return Err(RenderError::InvalidResource(resource_id));
+        }
+        if self.resources.len() >= self.limits.max_resources as usize {
+            return Err(RenderError::OutOfMemory(format!(
+                "{} resources already",
+                self.resources.len()
+            )));
+        }
+        let fits = self
+            .total_bytes
+            .checked_add(host_bytes)
+            .is_some_and(|t| t <= self.limits.max_resource_bytes);
+        if !fits {
+            return Err(RenderError::OutOfMemory(format!(
+                "blob of {host_bytes} bytes exceeds the resource memory limit ({} of {} bytes used)",
+                self.total_bytes, self.limits.max_resource_bytes
+            )));
+        }
+        Ok(ResourceInfo {
+            width: 0,
+            height: 0,
+            bytes: host_bytes,
+            blob: true,
         })
     }
 
@@ -149,5 +186,38 @@ mod tests {
         ledger.clear();
         assert_eq!(ledger.total_bytes(), 0);
         assert!(ledger.get(2).is_err());
+    }
+
+    #[test]
+    fn blobs_share_the_count_and_byte_limits() {
+        let limits = Limits {
+            max_resources: 2,
+            max_resource_bytes: 1000,
+            max_dimension: 16,
+            max_backing_entries: 4,
+        };
+        let mut ledger = ResourceLedger::new(limits);
+        assert!(ledger.admit_blob(0, 1).is_err());
+        assert!(matches!(
+            ledger.admit_blob(1, 1001),
+            Err(RenderError::OutOfMemory(_))
+        ));
+        let a = ledger.admit_blob(1, 600).unwrap();
+        assert!(a.blob && a.width == 0 && a.height == 0);
+        ledger.insert(1, a);
+        assert_eq!(
+            ledger.admit_blob(1, 0),
+            Err(RenderError::InvalidResource(1))
+        );
+        assert!(ledger.admit_blob(2, 401).is_err());
+        assert!(ledger.admit(2, 10, 11).is_err());
+        let b = ledger.admit_blob(2, 0).unwrap();
+        ledger.insert(2, b);
+        assert!(matches!(
+            ledger.admit_blob(3, 0),
+            Err(RenderError::OutOfMemory(_))
+        ));
+        assert_eq!(ledger.remove(1).map(|i| i.bytes), Some(600));
+        assert_eq!(ledger.total_bytes(), 0);
     }
 }

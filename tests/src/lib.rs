@@ -1,18 +1,24 @@
 //! The test VMM and end-to-end harness for vgpu-sandbox.
 //!
+//! - [`cross_domain`]: a guest-side encoder for the cross-domain context protocol.
 //! - [`guest_memory`]: memfd guest RAM and a bump allocator.
 //! - [`virtqueue`]: a driver-side split virtqueue.
 //! - [`vmm`]: [`TestVmm`], a real vhost-user frontend.
 //! - [`display`]: the vhost-user-gpu display-socket peer.
+//! - [`hostmem`]: [`hostmem::HostmemWindow`], the VMM's MAP_FIXED hostmem window.
+//! - [`backend_req`]: [`backend_req::BackendRequests`], the VMM side of SHMEM_MAP/UNMAP.
 //! - [`gpu`]: [`GpuDriver`], a virtio-gpu driver with its own command encoder.
 //! - [`stack`]: [`Stack`], spawning and supervising the real `vgpu-sandbox` binary.
 //! - [`scenario`]: [`run_demo`], the `vgpu-sandbox demo` scenario.
 //! - [`edid`]: EDID generation and checking.
 
+pub mod backend_req;
+pub mod cross_domain;
 pub mod display;
 pub mod edid;
 pub mod gpu;
 pub mod guest_memory;
+pub mod hostmem;
 pub mod qemu;
 pub mod scenario;
 pub mod stack;

@@ -13,9 +13,11 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 
+use crate::backend_req::BackendRequests;
 use crate::display::{DisplayConfig, DisplayError, DisplayEvents, DisplayPeer};
 use crate::gpu::{GpuDriver, GpuError};
 use crate::guest_memory::{GuestMemory, MemoryError, DEFAULT_MEM_SIZE};
+use crate::hostmem::{HostmemError, HostmemWindow};
 use crate::virtqueue::{QueueError, SplitQueue};
 
 /// VIRTIO_GPU_F_EDID.
@@ -34,6 +36,10 @@ const VHOST_USER_VERSION: u32 = 0x1;
 const VHOST_USER_REPLY: u32 = 0x4;
 /// Header flags: need reply.
 const VHOST_USER_NEED_REPLY: u32 = 0x8;
+/// The shared memory region id of virtio-gpu's host-visible memory
+/// (VIRTIO_GPU_SHM_ID_HOST_VISIBLE): the index of the hostmem region in GET_SHMEM_CONFIG
+/// and the shmid of every SHMEM_MAP / SHMEM_UNMAP.
+pub const HOSTMEM_SHMID: u8 = 1;
 /// Number of virtio-gpu queues (control, cursor).
 pub const NUM_QUEUES: usize = 2;
 
@@ -84,6 +90,12 @@ pub enum VmmError {
     /// Socket set-up.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// GET_SHMEM_CONFIG did not report the hostmem region the test asked for.
+    #[error("GET_SHMEM_CONFIG: {0}")]
+    ShmemConfig(String),
+    /// Reserving the hostmem window.
+    #[error(transparent)]
+    Hostmem(#[from] HostmemError),
 }
 
 fn vh<T>(op: &'static str, r: vhost::Result<T>) -> Result<T, VmmError> {
@@ -118,6 +130,14 @@ pub struct VmmOptions {
     pub timeout: Duration,
     /// What the display peer answers.
     pub display: DisplayConfig,
+    /// Hostmem (shared memory region [`HOSTMEM_SHMID`]) size the backend must report. When
+    /// set, the VMM negotiates BACKEND_REQ + SHMEM (+ REPLY_ACK, already wanted), checks
+    /// GET_SHMEM_CONFIG's region [`HOSTMEM_SHMID`] is exactly this size, reserves the window and serves
+    /// SHMEM_MAP / SHMEM_UNMAP on a backend request channel (SET_BACKEND_REQ_FD).
+    pub hostmem: Option<u64>,
+    /// Negotiate VHOST_USER_PROTOCOL_F_RESET_DEVICE (if offered), as QEMU does, so
+    /// `frontend().reset_device()` can be sent.
+    pub reset_device: bool,
 }
 
 impl Default for VmmOptions {
@@ -129,6 +149,8 @@ impl Default for VmmOptions {
             event_idx: true,
             timeout: Duration::from_secs(10),
             display: DisplayConfig::default(),
+            hostmem: None,
+            reset_device: false,
         }
     }
 }
@@ -145,6 +167,8 @@ pub struct TestVmm {
     device_features: u64,
     acked_features: u64,
     protocol_features: VhostUserProtocolFeatures,
+    backend_requests: Option<Arc<BackendRequests>>,
+    hostmem: Option<Arc<HostmemWindow>>,
 }
 
 impl TestVmm {
@@ -195,8 +219,30 @@ impl TestVmm {
                 offered: offered_proto.bits(),
             });
         }
-        let protocol_features = offered_proto
-            & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK);
+        let mut wanted_proto =
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        if opts.hostmem.is_some() {
+            for (bit, what) in [
+                (
+                    VhostUserProtocolFeatures::BACKEND_REQ,
+                    "protocol feature BACKEND_REQ",
+                ),
+                (VhostUserProtocolFeatures::SHMEM, "protocol feature SHMEM"),
+            ] {
+                if !offered_proto.contains(bit) {
+                    return Err(VmmError::MissingFeature {
+                        what,
+                        offered: offered_proto.bits(),
+                    });
+                }
+            }
+            wanted_proto |=
+                VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::SHMEM;
+        }
+        if opts.reset_device {
+            wanted_proto |= VhostUserProtocolFeatures::RESET_DEVICE;
+        }
+        let protocol_features = offered_proto & wanted_proto;
         vh(
             "SET_PROTOCOL_FEATURES",
             frontend.set_protocol_features(protocol_features),
@@ -207,6 +253,14 @@ impl TestVmm {
             // instead of surfacing later as a missing response.
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+
+        let (hostmem, backend_requests) = match opts.hostmem {
+            Some(size) => {
+                let (w, b) = setup_hostmem(&mut frontend, size, reply_ack)?;
+                (Some(w), Some(b))
+            }
+            None => (None, None),
+        };
 
         let (_, cfg) = vh(
             "GET_CONFIG",
@@ -292,6 +346,8 @@ impl TestVmm {
             device_features,
             acked_features,
             protocol_features,
+            backend_requests,
+            hostmem,
         })
     }
 
@@ -330,6 +386,18 @@ impl TestVmm {
         self.protocol_features
     }
 
+    /// The hostmem window (when [`VmmOptions::hostmem`] was set): the guest's view of the
+    /// blobs the backend mapped.
+    pub fn hostmem(&self) -> Option<&Arc<HostmemWindow>> {
+        self.hostmem.as_ref()
+    }
+
+    /// The backend request channel serving SHMEM_MAP / SHMEM_UNMAP (when
+    /// [`VmmOptions::hostmem`] was set): its ack controls and event log.
+    pub fn backend_requests(&self) -> Option<&Arc<BackendRequests>> {
+        self.backend_requests.as_ref()
+    }
+
     /// The vhost-user frontend, for requests the helpers do not cover.
     pub fn frontend(&mut self) -> &mut Frontend {
         &mut self.frontend
@@ -343,6 +411,48 @@ impl TestVmm {
         drop(self);
         events
     }
+}
+
+/// GET_SHMEM_CONFIG (region [`HOSTMEM_SHMID`] must be exactly `size` bytes; the others,
+/// none or empty), reserves the window, starts
+/// the backend request channel and hands its other end over with SET_BACKEND_REQ_FD.
+fn setup_hostmem(
+    frontend: &mut Frontend,
+    size: u64,
+    reply_ack: bool,
+) -> Result<(Arc<HostmemWindow>, Arc<BackendRequests>), VmmError> {
+    let cfg = vh("GET_SHMEM_CONFIG", frontend.get_shmem_config())?;
+    let nregions = cfg.nregions as usize;
+    let sizes = cfg.memory_sizes;
+    let id = usize::from(HOSTMEM_SHMID);
+    if nregions <= id || nregions > sizes.len() {
+        return Err(VmmError::ShmemConfig(format!(
+            "{nregions} regions reported (want region {id} of {size:#x} bytes)"
+        )));
+    }
+    if sizes[id] != size {
+        return Err(VmmError::ShmemConfig(format!(
+            "region {id} is {:#x} bytes, the VMM was configured for {size:#x}",
+            sizes[id]
+        )));
+    }
+    if let Some((other, len)) = sizes[..nregions]
+        .iter()
+        .enumerate()
+        .find(|(i, len)| *i != id && **len != 0)
+    {
+        return Err(VmmError::ShmemConfig(format!(
+            "unexpected region {other} of {len:#x} bytes (a GPU has only region {id})"
+        )));
+    }
+    let window = Arc::new(HostmemWindow::reserve(size)?);
+    let (requests, theirs) = BackendRequests::start(window.clone(), HOSTMEM_SHMID, reply_ack)?;
+    vh(
+        "SET_BACKEND_REQ_FD",
+        frontend.set_backend_request_fd(&theirs),
+    )?;
+    drop(theirs);
+    Ok((window, Arc::new(requests)))
 }
 
 /// Sends VHOST_USER_GPU_SET_SOCKET (the vhost crate's Frontend has no method for it) on the

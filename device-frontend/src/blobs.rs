@@ -1,0 +1,659 @@
+//! Blob resources, contexts and the host-visible window, on the control actor: the
+//! commands of VIRTIO_GPU_F_RESOURCE_BLOB / F_CONTEXT_INIT checked and carried out, and
+//! the actions of each blob's mapping state machine (`blob_map::step`) executed.
+//!
+//! A command that waits on a blob's state machine (MAP_BLOB for its answer; UNMAP_BLOB,
+//! UNREF of a mapped blob for the unmap) stays in the control queue's FIFO, suspended,
+//! and the control queue takes nothing new until it is released: a command queued behind
+//! a suspended unmap runs only after the unmap completed, as in QEMU.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+
+use protocol::ipc::{BackingEntry, RendererOp, ReplyBody};
+use protocol::virtio_gpu::{
+    BlobMem, Command, CtrlHeader, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+    VIRTIO_GPU_FLAG_INFO_RING_IDX,
+};
+
+use crate::blob_map::{self, Action, Event, Export, MapError, MapState};
+use crate::control::{After, Control, CONTROL_QUEUE};
+use crate::error::FrontendError;
+use crate::execute::Outcome;
+use crate::vmm_requests::{VmmAck, VmmRequest, VmmRequests};
+
+/// Window offsets and lengths are in whole pages.
+const PAGE: u64 = 4096;
+
+/// What a suspended command waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// The answer to its MAP_BLOB of this blob.
+    Map(u32),
+    /// The completion of this blob's unmap.
+    Unmap(u32),
+}
+
+/// Per-blob bookkeeping.
+#[derive(Debug)]
+struct Slot {
+    blob_mem: BlobMem,
+    flags: u32,
+    size: u64,
+    state: MapState,
+    /// The renderer's export, held until the VMM has been asked to map it.
+    export: Option<OwnedFd>,
+    /// UNREF commands (queue, entry) waiting for the unmap before they unref.
+    unref_after_unmap: Vec<(usize, u64)>,
+}
+
+/// Blob, context and window state of the device.
+#[derive(Debug, Default)]
+pub(crate) struct Blobs {
+    slots: HashMap<u32, Slot>,
+    contexts: HashSet<u32>,
+    vmm: Option<VmmRequests>,
+    /// A device reset waits for in-flight unmaps; the control queue waits for the reset.
+    reset_pending: bool,
+}
+
+impl std::fmt::Debug for VmmRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmmRequests")
+    }
+}
+
+impl Control {
+    /// The VMM's backend request channel is up: blob maps can be requested.
+    pub(crate) fn set_vmm_channel(&mut self, vmm: VmmRequests) {
+        log::info!("backend request channel ready: blobs can be mapped");
+        self.blobs.vmm = Some(vmm);
+    }
+
+    /// Whether the control queue must take nothing new (a command is suspended on a blob,
+    /// or a reset waits for unmaps).
+    pub(crate) fn control_blocked(&self) -> bool {
+        self.blobs.reset_pending
+            || self.fifos[CONTROL_QUEUE as usize]
+                .iter()
+                .any(|e| e.waiting_on.is_some())
+    }
+
+    /// The blob, context and capset commands.
+    pub(crate) fn blob_command(&mut self, hdr: &CtrlHeader, cmd: Command) -> Outcome {
+        let ctx_id = hdr.ctx_id;
+        match cmd {
+            Command::CtxCreate { context_init, name } => {
+                if !self.blobs_enabled() {
+                    return Ok(Err(ErrorCode::Unspec));
+                }
+                if !self.blobs.contexts.insert(ctx_id) {
+                    return Ok(Err(ErrorCode::InvalidContextId));
+                }
+                let op = RendererOp::CreateContext {
+                    ctx_id,
+                    context_init,
+                    name,
+                };
+                self.request(op, None, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::CtxDestroy => {
+                if !self.blobs.contexts.remove(&ctx_id) {
+                    return Ok(Err(ErrorCode::InvalidContextId));
+                }
+                self.request(RendererOp::DestroyContext { ctx_id }, None, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::CtxAttachResource { resource_id }
+            | Command::CtxDetachResource { resource_id }
+                if !self.blobs.contexts.contains(&ctx_id) =>
+            {
+                let _ = resource_id;
+                Ok(Err(ErrorCode::InvalidContextId))
+            }
+            Command::CtxAttachResource { resource_id } => {
+                if let Err(code) = self.resources.get(resource_id) {
+                    return Ok(Err(code));
+                }
+                let op = RendererOp::AttachResource {
+                    ctx_id,
+                    resource_id,
+                };
+                self.request(op, None, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::CtxDetachResource { resource_id } => {
+                if let Err(code) = self.resources.get(resource_id) {
+                    return Ok(Err(code));
+                }
+                let op = RendererOp::DetachResource {
+                    ctx_id,
+                    resource_id,
+                };
+                self.request(op, None, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::Submit3d { commands } => {
+                if !self.blobs.contexts.contains(&ctx_id) {
+                    return Ok(Err(ErrorCode::InvalidContextId));
+                }
+                let ring_idx = if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+                    hdr.ring_idx
+                } else {
+                    0
+                };
+                let fence = self.fence_of(hdr);
+                let op = RendererOp::Submit3d {
+                    ctx_id,
+                    ring_idx,
+                    commands,
+                };
+                self.request(op, fence, After::Nothing)?;
+                Ok(Ok(None))
+            }
+            Command::GetCapsetInfo { capset_index } => {
+                if capset_index >= self.config.num_capsets {
+                    return Ok(Err(ErrorCode::InvalidParameter));
+                }
+                let op = RendererOp::GetCapsetInfo {
+                    index: capset_index,
+                };
+                self.request(op, None, After::Respond)?;
+                Ok(Ok(None))
+            }
+            Command::GetCapset {
+                capset_id,
+                capset_version,
+            } => {
+                if self.config.num_capsets == 0 {
+                    return Ok(Err(ErrorCode::InvalidParameter));
+                }
+                let op = RendererOp::GetCapset {
+                    capset_id,
+                    version: capset_version,
+                };
+                self.request(op, None, After::Respond)?;
+                Ok(Ok(None))
+            }
+            Command::ResourceAssignUuid { resource_id } => {
+                if let Err(code) = self.resources.get(resource_id) {
+                    return Ok(Err(code));
+                }
+                Ok(Ok(Some(Response::OkResourceUuid(resource_uuid(
+                    resource_id,
+                )))))
+            }
+            Command::ResourceCreateBlob {
+                resource_id,
+                blob_mem,
+                blob_flags,
+                blob_id,
+                size,
+                entries,
+            } => self.create_blob(
+                ctx_id,
+                resource_id,
+                blob_mem,
+                blob_flags,
+                blob_id,
+                size,
+                entries,
+            ),
+            Command::ResourceMapBlob {
+                resource_id,
+                offset,
+            } => self.map_blob(resource_id, offset),
+            Command::ResourceUnmapBlob { resource_id } => {
+                let Some(slot) = self.blobs.slots.get(&resource_id) else {
+                    return Ok(Err(ErrorCode::InvalidResourceId));
+                };
+                if slot.state == MapState::Unmapped {
+                    // As QEMU: unmapping what is not mapped is an error, not a no-op.
+                    return Ok(Err(ErrorCode::Unspec));
+                }
+                self.drive(resource_id, Event::UnmapRequested)?;
+                Ok(Ok(None))
+            }
+            Command::SetScanoutBlob { .. } => {
+                crate::guest_warn!("SET_SCANOUT_BLOB is not supported yet");
+                Ok(Err(ErrorCode::Unspec))
+            }
+            other => {
+                log::error!("blob_command called with {:?}", other.cmd_type());
+                Ok(Err(ErrorCode::Unspec))
+            }
+        }
+    }
+
+    fn blobs_enabled(&self) -> bool {
+        self.config.hostmem.is_some()
+    }
+
+    fn fence_of(&self, hdr: &CtrlHeader) -> Option<protocol::ipc::FenceInfo> {
+        hdr.is_fenced().then_some(protocol::ipc::FenceInfo {
+            fence_id: hdr.fence_id,
+            ctx_id: hdr.ctx_id,
+            ring_idx: if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+                hdr.ring_idx
+            } else {
+                0
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_blob(
+        &mut self,
+        ctx_id: u32,
+        resource_id: u32,
+        blob_mem: BlobMem,
+        blob_flags: u32,
+        blob_id: u64,
+        size: u64,
+        entries: Vec<BackingEntry>,
+    ) -> Outcome {
+        if !self.blobs_enabled() {
+            return Ok(Err(ErrorCode::Unspec));
+        }
+        if blob_mem != BlobMem::Guest && !self.blobs.contexts.contains(&ctx_id) {
+            return Ok(Err(ErrorCode::InvalidContextId));
+        }
+        if !entries.is_empty() {
+            let backed: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+            if backed < size || !self.backing_in_guest_memory(&entries) {
+                return Ok(Err(ErrorCode::InvalidParameter));
+            }
+        }
+        if let Err(code) = self.resources.create_blob(resource_id, size) {
+            return Ok(Err(code));
+        }
+        self.blobs.slots.insert(
+            resource_id,
+            Slot {
+                blob_mem,
+                flags: blob_flags,
+                size,
+                state: MapState::Unmapped,
+                export: None,
+                unref_after_unmap: Vec::new(),
+            },
+        );
+        let op = RendererOp::CreateBlob {
+            ctx_id,
+            resource_id,
+            blob_mem: blob_mem.as_u32(),
+            blob_flags,
+            blob_id,
+            size,
+            entries,
+        };
+        self.request(op, None, After::BlobCreated { resource_id })?;
+        Ok(Ok(None))
+    }
+
+    fn map_blob(&mut self, resource_id: u32, offset: u64) -> Outcome {
+        let Some(window) = self.config.hostmem else {
+            return Ok(Err(ErrorCode::Unspec));
+        };
+        let Some(slot) = self.blobs.slots.get(&resource_id) else {
+            return Ok(Err(ErrorCode::InvalidResourceId));
+        };
+        if slot.flags & VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE == 0 || slot.blob_mem == BlobMem::Guest {
+            return Ok(Err(ErrorCode::InvalidParameter));
+        }
+        if slot.state != MapState::Unmapped {
+            return Ok(Err(ErrorCode::Unspec));
+        }
+        let len = slot.size.div_ceil(PAGE) * PAGE;
+        let fits =
+            offset.is_multiple_of(PAGE) && offset.checked_add(len).is_some_and(|end| end <= window);
+        if !fits || self.window_overlaps(offset, len) {
+            crate::guest_warn!(
+                "MAP_BLOB of resource {resource_id} at {offset:#x}+{len:#x}: outside the \
+                 {window:#x}-byte window, unaligned, or over a live mapping"
+            );
+            return Ok(Err(ErrorCode::InvalidParameter));
+        }
+        if self.blobs.vmm.is_none() {
+            log::warn!("MAP_BLOB before the VMM set up its backend request channel");
+            return Ok(Err(ErrorCode::Unspec));
+        }
+        self.suspend_current(Wait::Map(resource_id));
+        self.drive(resource_id, Event::MapRequested { offset })?;
+        Ok(Ok(None))
+    }
+
+    /// Whether `[offset, offset+len)` touches a range some blob holds in the window.
+    fn window_overlaps(&self, offset: u64, len: u64) -> bool {
+        self.blobs.slots.values().any(|s| {
+            let reserved = match s.state {
+                MapState::Unmapped => None,
+                // A pending map holds its whole page-rounded blob size.
+                MapState::MapPending { offset, .. } => Some((offset, s.size.div_ceil(PAGE) * PAGE)),
+                other => other.range(),
+            };
+            reserved.is_some_and(|(o, l)| {
+                let l = l.max(s.size.div_ceil(PAGE) * PAGE);
+                offset < o.saturating_add(l) && o < offset.saturating_add(len)
+            })
+        })
+    }
+
+    /// RESOURCE_UNREF of a blob: unmapped blobs go at once; mapped ones after their unmap.
+    pub(crate) fn unref_blob(
+        &mut self,
+        resource_id: u32,
+        fence: Option<protocol::ipc::FenceInfo>,
+    ) -> Outcome {
+        let Some(slot) = self.blobs.slots.get_mut(&resource_id) else {
+            return Ok(Err(ErrorCode::InvalidResourceId));
+        };
+        if slot.state == MapState::Unmapped {
+            self.finish_unref(resource_id, fence)?;
+            return Ok(Ok(None));
+        }
+        if let Some(current) = self.current {
+            slot.unref_after_unmap.push(current);
+        }
+        self.drive(resource_id, Event::UnmapRequested)?;
+        Ok(Ok(None))
+    }
+
+    fn finish_unref(
+        &mut self,
+        resource_id: u32,
+        fence: Option<protocol::ipc::FenceInfo>,
+    ) -> Result<(), FrontendError> {
+        self.blobs.slots.remove(&resource_id);
+        let _ = self.resources.remove(resource_id);
+        self.request(RendererOp::Unref { resource_id }, fence, After::Nothing)
+    }
+
+    /// Whether `resource_id` is a blob.
+    pub(crate) fn is_blob(&self, resource_id: u32) -> bool {
+        self.blobs.slots.contains_key(&resource_id)
+    }
+
+    /// Device reset: every blob in the window comes out first; the rest of the reset
+    /// (and the control queue) waits until the last unmap completed.
+    pub(crate) fn reset_blobs(&mut self) -> Result<bool, FrontendError> {
+        let busy: Vec<u32> = self
+            .blobs
+            .slots
+            .iter()
+            .filter(|(_, s)| s.state != MapState::Unmapped)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &busy {
+            if let Some(slot) = self.blobs.slots.get_mut(id) {
+                slot.unref_after_unmap.clear();
+            }
+            self.drive(*id, Event::UnmapRequested)?;
+        }
+        self.blobs.reset_pending = self
+            .blobs
+            .slots
+            .values()
+            .any(|s| s.state != MapState::Unmapped);
+        if self.blobs.reset_pending {
+            log::info!("device reset waits for {} blob unmap(s)", busy.len());
+        } else {
+            self.blobs.slots.clear();
+            self.blobs.contexts.clear();
+        }
+        Ok(self.blobs.reset_pending)
+    }
+
+    /// An acknowledgment from the VMM.
+    pub(crate) fn on_vmm_ack(
+        &mut self,
+        resource_id: u32,
+        ack: VmmAck,
+    ) -> Result<(), FrontendError> {
+        let event = match ack {
+            VmmAck::Map(Ok(())) => Event::VmmMapAck,
+            VmmAck::Map(Err(())) => Event::VmmMapFailed,
+            VmmAck::Unmap(result) => {
+                if result.is_err() {
+                    // The VMM kept the pages mapped; they stay valid (it holds the fd), so
+                    // the blob can still be released here.
+                    log::warn!("the VMM refused to unmap resource {resource_id}; released anyway");
+                }
+                Event::VmmUnmapAck
+            }
+        };
+        self.drive(resource_id, event)
+    }
+
+    /// A renderer reply to Map / Unmap / Finalize.
+    pub(crate) fn on_blob_reply(
+        &mut self,
+        after: After,
+        body: Result<ReplyBody, ()>,
+    ) -> Result<(), FrontendError> {
+        match after {
+            After::BlobMap { resource_id } => {
+                let event = match body {
+                    Ok(ReplyBody::MapReady {
+                        resource_id: echoed,
+                        size,
+                        map_info,
+                        fds,
+                    }) => {
+                        // The fd comes first, whatever else is wrong, to keep the lane in step.
+                        let fd = self
+                            .link
+                            .recv_fds(fds)
+                            .ok()
+                            .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)));
+                        let blob_size = self.blobs.slots.get(&resource_id).map_or(0, |s| s.size);
+                        match fd {
+                            Some(fd) if echoed == resource_id && size > 0 && size <= blob_size => {
+                                if let Some(slot) = self.blobs.slots.get_mut(&resource_id) {
+                                    slot.export = Some(fd);
+                                }
+                                let len = size.div_ceil(PAGE) * PAGE;
+                                Event::RendererMapReady(Export { len, map_info })
+                            }
+                            _ => {
+                                log::warn!(
+                                    "renderer's MapReady for resource {resource_id} is malformed \
+                                     (echo {echoed}, size {size}, blob size {blob_size})"
+                                );
+                                Event::RendererMapFailed
+                            }
+                        }
+                    }
+                    _ => Event::RendererMapFailed,
+                };
+                self.drive(resource_id, event)
+            }
+            After::BlobUnmap { resource_id } => {
+                if !matches!(body, Ok(ReplyBody::UnmapAck { resource_id: r }) if r == resource_id) {
+                    log::warn!(
+                        "renderer's UnmapAck for resource {resource_id} is not one; taken as done"
+                    );
+                }
+                self.drive(resource_id, Event::RendererUnmapAck)
+            }
+            After::BlobFinalize { resource_id } => {
+                if !matches!(body, Ok(ReplyBody::FinalizeAck { resource_id: r }) if r == resource_id)
+                {
+                    log::warn!("renderer's FinalizeAck for resource {resource_id} is not one; taken as done");
+                }
+                self.drive(resource_id, Event::FinalizeAck)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a blob whose creation the renderer refused.
+    pub(crate) fn forget_blob(&mut self, resource_id: u32) {
+        self.blobs.slots.remove(&resource_id);
+        let _ = self.resources.remove(resource_id);
+    }
+
+    /// Feeds one event to a blob's state machine and carries out what it says.
+    fn drive(&mut self, resource_id: u32, event: Event) -> Result<(), FrontendError> {
+        let Some(slot) = self.blobs.slots.get(&resource_id) else {
+            log::warn!("{event:?} for unknown resource {resource_id}; ignored");
+            return Ok(());
+        };
+        let before = slot.state;
+        let (state, actions) = blob_map::step(before, event);
+        log::debug!("resource {resource_id}: {before:?} --{event:?}--> {state:?} {actions:?}");
+        if let Some(slot) = self.blobs.slots.get_mut(&resource_id) {
+            slot.state = state;
+        }
+        for action in actions {
+            self.act(resource_id, action)?;
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, resource_id: u32, action: Action) -> Result<(), FrontendError> {
+        match action {
+            Action::RendererMap => self.request(
+                RendererOp::Map { resource_id },
+                None,
+                After::BlobMap { resource_id },
+            ),
+            Action::VmmMap { offset, len } => {
+                let fd = self
+                    .blobs
+                    .slots
+                    .get_mut(&resource_id)
+                    .and_then(|s| s.export.take());
+                let sent = match (fd, self.blobs.vmm.as_ref()) {
+                    (Some(fd), Some(vmm)) => vmm.send(VmmRequest::Map {
+                        resource_id,
+                        offset,
+                        len,
+                        fd,
+                    }),
+                    _ => false,
+                };
+                if sent {
+                    Ok(())
+                } else {
+                    self.drive(resource_id, Event::VmmMapFailed)
+                }
+            }
+            Action::AnswerMap(result) => {
+                let response = match result {
+                    Ok(map_info) => Response::OkMapInfo { map_info },
+                    Err(MapError::Busy) => Response::Err(ErrorCode::Unspec),
+                    Err(e) => {
+                        crate::guest_warn!("MAP_BLOB of resource {resource_id} failed: {e:?}");
+                        Response::Err(ErrorCode::Unspec)
+                    }
+                };
+                // A Busy answer is for the command being executed right now.
+                if let (Err(MapError::Busy), Some((q, id))) = (result, self.current) {
+                    self.set_response(q, id, response);
+                    return Ok(());
+                }
+                self.release(Wait::Map(resource_id), Some(response));
+                Ok(())
+            }
+            Action::VmmUnmap { offset, len } => {
+                let sent = self.blobs.vmm.as_ref().is_some_and(|vmm| {
+                    vmm.send(VmmRequest::Unmap {
+                        resource_id,
+                        offset,
+                        len,
+                    })
+                });
+                if sent {
+                    Ok(())
+                } else {
+                    self.drive(resource_id, Event::VmmUnmapAck)
+                }
+            }
+            Action::RendererUnmap => self.request(
+                RendererOp::Unmap { resource_id },
+                None,
+                After::BlobUnmap { resource_id },
+            ),
+            Action::RendererFinalize => self.request(
+                RendererOp::Finalize { resource_id },
+                None,
+                After::BlobFinalize { resource_id },
+            ),
+            Action::Suspend => {
+                self.suspend_current(Wait::Unmap(resource_id));
+                Ok(())
+            }
+            Action::UnmapDone => self.unmap_done(resource_id),
+            Action::NothingToUnmap => Ok(()),
+            Action::Ignored(why) => {
+                crate::guest_warn!("resource {resource_id}: {why}; ignored");
+                Ok(())
+            }
+        }
+    }
+
+    fn suspend_current(&mut self, wait: Wait) {
+        if let Some((q, id)) = self.current {
+            if let Some(e) = self.entry_mut(q, id) {
+                e.waiting_on = Some(wait);
+            }
+        }
+    }
+
+    /// Releases every command waiting for `wait`, optionally setting its response.
+    fn release(&mut self, wait: Wait, response: Option<Response>) {
+        for fifo in &mut self.fifos {
+            for e in fifo.iter_mut().filter(|e| e.waiting_on == Some(wait)) {
+                e.waiting_on = None;
+                if let Some(r) = &response {
+                    e.set_response(r.clone());
+                }
+            }
+        }
+    }
+
+    fn unmap_done(&mut self, resource_id: u32) -> Result<(), FrontendError> {
+        let unrefs = self
+            .blobs
+            .slots
+            .get_mut(&resource_id)
+            .map(|s| std::mem::take(&mut s.unref_after_unmap))
+            .unwrap_or_default();
+        self.release(Wait::Unmap(resource_id), None);
+        if !unrefs.is_empty() {
+            // The unref goes to the renderer on behalf of (the first of) the UNREFs.
+            let saved = self.current.take();
+            self.current = unrefs.first().copied();
+            let r = self.finish_unref(resource_id, None);
+            self.current = saved;
+            r?;
+        }
+        if self.blobs.reset_pending
+            && self
+                .blobs
+                .slots
+                .values()
+                .all(|s| s.state == MapState::Unmapped)
+        {
+            log::info!("every blob unmapped: the device reset goes on");
+            self.blobs.reset_pending = false;
+            self.blobs.slots.clear();
+            self.blobs.contexts.clear();
+            self.finish_reset()?;
+        }
+        Ok(())
+    }
+}
+
+/// A stable, per-resource UUID: RESOURCE_ASSIGN_UUID only needs ids unique per device.
+fn resource_uuid(resource_id: u32) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    uuid[..4].copy_from_slice(b"vgpu");
+    uuid[12..].copy_from_slice(&resource_id.to_be_bytes());
+    // RFC 4122 version 8 (custom) and variant bits.
+    uuid[6] = (uuid[6] & 0x0f) | 0x80;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    uuid
+}
