@@ -449,7 +449,12 @@ impl Control {
                             .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)));
                         let blob_size = self.blobs.slots.get(&resource_id).map_or(0, |s| s.size);
                         match fd {
-                            Some(fd) if echoed == resource_id && size > 0 && size <= blob_size => {
+                            Some(fd)
+                                if echoed == resource_id
+                                    && size > 0
+                                    && size <= blob_size
+                                    && export_covers(&fd, size) =>
+                            {
                                 if let Some(slot) = self.blobs.slots.get_mut(&resource_id) {
                                     slot.export = Some(fd);
                                 }
@@ -644,6 +649,19 @@ impl Control {
             self.finish_reset()?;
         }
         Ok(())
+    }
+}
+
+/// Whether a renderer's export is a plain file (memfd/shm) holding at least `size` bytes:
+/// the VMM maps it into the guest, and a shorter file would fault the guest (or the VMM)
+/// with SIGBUS; anything else (a socket, a device) has no business in the window.
+fn export_covers(fd: &OwnedFd, size: u64) -> bool {
+    match nix::sys::stat::fstat(fd) {
+        Ok(st) => {
+            let is_file = (st.st_mode & libc::S_IFMT) == libc::S_IFREG;
+            is_file && u64::try_from(st.st_size).is_ok_and(|len| len >= size)
+        }
+        Err(_) => false,
     }
 }
 
