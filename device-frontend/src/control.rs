@@ -441,8 +441,7 @@ impl Control {
             Ok(bytes) => {
                 let limits = crate::decode::DecodeLimits {
                     max_backing_entries: self.config.limits.max_backing_entries,
-                    // TODO: take max_submit_bytes from the per-VM limits in config.
-                    max_submit_bytes: crate::decode::DEFAULT_MAX_SUBMIT_BYTES,
+                    max_submit_bytes: self.config.max_submit_bytes,
                 };
                 match crate::decode::decode(queue, &bytes, limits) {
                     Ok(req) => {
@@ -473,8 +472,13 @@ impl Control {
     }
 
     fn max_request_bytes(&self) -> usize {
-        // Header, attach_backing body, and every entry the limits allow.
-        (32 + 16 * self.config.limits.max_backing_entries as usize).max(4096)
+        use protocol::virtio_gpu::{CMD_SUBMIT_SIZE, RESOURCE_CREATE_BLOB_SIZE};
+        // The largest command the limits allow: a CREATE_BLOB (the larger fixed part of the
+        // two commands with entries) with every entry, or a SUBMIT_3D with its whole stream.
+        let entries =
+            RESOURCE_CREATE_BLOB_SIZE + 16 * self.config.limits.max_backing_entries as usize;
+        let submit = CMD_SUBMIT_SIZE + self.config.max_submit_bytes as usize;
+        entries.max(submit).max(4096)
     }
 
     pub(crate) fn entry_mut(&mut self, q: usize, id: u64) -> Option<&mut Entry> {
