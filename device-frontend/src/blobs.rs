@@ -209,8 +209,10 @@ impl Control {
                     return Ok(Err(ErrorCode::InvalidResourceId));
                 };
                 if slot.state == MapState::Unmapped {
-                    // As QEMU: unmapping what is not mapped is an error, not a no-op.
-                    return Ok(Err(ErrorCode::Unspec));
+                    // As QEMU (no memory region: nothing to do, success). This is also
+                    // what a second UNMAP_BLOB queued behind the first one meets: the
+                    // queue held it until the first unmap completed.
+                    return Ok(Ok(Some(Response::OkNodata)));
                 }
                 self.drive(resource_id, Event::UnmapRequested)?;
                 Ok(Ok(None))

@@ -30,10 +30,11 @@ use protocol::virtio_gpu::{
     VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK,
 };
 use rutabaga_gfx::{
-    ResourceCreateBlob, Rutabaga, RutabagaBuilder, RutabagaComponentType, RutabagaError,
-    RutabagaFence, RutabagaFenceHandler, RutabagaHandle, RutabagaIntoRawDescriptor, RutabagaIovec,
-    Transfer3D, RUTABAGA_FLAG_FENCE, RUTABAGA_MAP_CACHE_MASK, RUTABAGA_PIPE_BIND_RENDER_TARGET,
-    RUTABAGA_PIPE_TEXTURE_2D,
+    DrmFormat, ImageAllocationInfo, ResourceCreateBlob, Rutabaga, RutabagaBuilder,
+    RutabagaComponentType, RutabagaError, RutabagaFence, RutabagaFenceHandler, RutabagaGralloc,
+    RutabagaGrallocBackendFlags, RutabagaGrallocFlags, RutabagaHandle, RutabagaIntoRawDescriptor,
+    RutabagaIovec, Transfer3D, RUTABAGA_FLAG_FENCE, RUTABAGA_MAP_CACHE_MASK,
+    RUTABAGA_PIPE_BIND_RENDER_TARGET, RUTABAGA_PIPE_TEXTURE_2D,
 };
 
 use crate::backend::{
@@ -229,6 +230,7 @@ impl RutabagaRenderer {
             .set_default_component(RutabagaComponentType::Rutabaga2D)
             .build()
             .map_err(|e| RenderError::Unspec(format!("rutabaga 2D init: {e}")))?;
+        warm_up_before_jail()?;
         let capset_mask = CAPSETS.iter().fold(0u64, |mask, id| mask | (1 << id));
         let cross = RutabagaBuilder::new(capset_mask, handler)
             .set_rutabaga_paths(None)
@@ -874,6 +876,31 @@ impl Renderer for RutabagaRenderer {
     }
 }
 
+/// Runs, once and before the seccomp filter is installed, what rutabaga would otherwise do
+/// lazily on the first cross-domain request with a syscall the filter refuses.
+///
+/// Rutabaga rounds image sizes up to the page size (magma-gpu `round_up_to_page_size`),
+/// which asks rustix; rustix's linux_raw backend reads the auxiliary vector on first use
+/// with `prctl(PR_GET_AUXV)`, falling back to `open("/proc/self/auxv")`. Both are outside
+/// the renderer's filter (prctl only for PR_SET_NAME; no open at all). The answer is cached
+/// process-wide, so asking once here, through the same path, keeps the jailed renderer
+/// from ever making those calls.
+fn warm_up_before_jail() -> Result<(), RenderError> {
+    let mut gralloc = RutabagaGralloc::new(RutabagaGrallocBackendFlags::new())
+        .map_err(|e| RenderError::Unspec(format!("rutabaga gralloc: {e}")))?;
+    let info = ImageAllocationInfo {
+        width: 1,
+        height: 1,
+        drm_format: DrmFormat::new(b'X', b'R', b'2', b'4'),
+        flags: RutabagaGrallocFlags::empty(),
+    };
+    let reqs = gralloc
+        .get_image_memory_requirements(info)
+        .map_err(|e| RenderError::Unspec(format!("rutabaga gralloc warm-up: {e}")))?;
+    log::debug!("gralloc warm-up: a 1x1 image takes {} bytes", reqs.size);
+    Ok(())
+}
+
 /// Copies `dst.len()` bytes from byte `offset` of `backing` (the caller checked the range).
 fn copy_from_backing(backing: &Backing, mut offset: u64, dst: &mut [u8]) {
     let mut done = 0;
@@ -1501,8 +1528,7 @@ mod tests {
         for _ in 0..MAX_IMAGE_QUERIES_PER_CONTEXT {
             many.extend(cmd(2, &[1, 1, XR24, 0]));
         }
-        // 16384 * 24 bytes is more than one stream may carry (cmd_size is per command,
-        // the stream is the frontend's to bound), so send it in pieces.
+        // In several submissions, as a guest would: the count is per context.
         for piece in many.chunks_mut(24 * 1024) {
             fx.renderer.submit_3d(CTX, 0, piece).unwrap();
         }
@@ -1571,8 +1597,7 @@ mod tests {
         cross_domain(&mut fx);
     }
 
-    /// `cross_domain` on a fixture whose context 1 already exists: a fresh context 2's
-    /// worth of setup under id 1 after destroying the old one.
+    /// `cross_domain` again, on a fixture whose context `CTX` already exists.
     fn cross_domain_again(fx: &mut Fixture) {
         fx.renderer.destroy_context(CTX).unwrap();
         cross_domain(fx);

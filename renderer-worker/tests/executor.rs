@@ -3,15 +3,21 @@
 //! The executor runs on its own thread here; multi-process runs are the integration
 //! tests' job.
 
+mod cross_domain;
+
 use std::fs::File;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
 use std::thread;
 use std::time::Duration;
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::stat::fstat;
 use protocol::config::{DeviceConfig, Limits, OutputConfig};
 use protocol::ipc::{
     BackingEntry, FenceInfo, GuestRegion, RenderError, RendererEvent, RendererOp, RendererRequest,
@@ -19,7 +25,9 @@ use protocol::ipc::{
 };
 use protocol::lane::Lane;
 use protocol::virtio_gpu::Rect;
-use vgpu_renderer_worker::{EventSink, Executor, RendererError, Rutabaga2d, CURSOR_BYTES};
+use vgpu_renderer_worker::{
+    EventSink, Executor, RendererError, RutabagaRenderer, CURSOR_BYTES, NUM_CAPSETS,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const FORMAT: u32 = 2; // B8G8R8X8_UNORM
@@ -81,7 +89,7 @@ impl Frontend {
             // Built on the executor's thread: the renderer stays on the thread it was
             // created on, as virgl will require.
             let sink = EventSink::new(ev_tx);
-            let renderer = Rutabaga2d::new(config.limits, sink.fence_callback()).unwrap();
+            let renderer = RutabagaRenderer::new(config.limits, sink.fence_callback()).unwrap();
             let executor = Executor::new(renderer, Lane::new(theirs), sink, &config);
             let _ = done_tx.send(executor.run(&req_rx));
         });
@@ -580,4 +588,435 @@ fn a_vanished_frontend_ends_the_loop_cleanly() {
         .expect("executor stops when the frontend is gone");
     drop(requests);
     assert!(result.is_ok(), "{result:?}");
+}
+
+// --- cross-domain contexts, blobs and the map / unmap / finalize steps ---------------
+
+const CTX: u32 = 1;
+const RING: u32 = 50;
+/// The query ring's guest address (relative to `GUEST_BASE`): file A, offset 0x3000.
+const RING_AT: u64 = 0x2000;
+const MAPPABLE: u32 = 1;
+const BLOB_MEM_GUEST: u32 = 1;
+const BLOB_MEM_HOST3D: u32 = 2;
+
+/// A shared mapping of an exported blob, as the VMM makes it.
+struct VmmMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl VmmMapping {
+    fn new(fd: &OwnedFd, len: usize) -> VmmMapping {
+        // SAFETY: a fresh mapping at an address of the kernel's choosing aliases nothing;
+        // it is unmapped once, in Drop.
+        let ptr = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }
+        .expect("the exported blob fd can be mmapped");
+        VmmMapping {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr+len` is a live read-write mapping owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for VmmMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped only here.
+        unsafe { munmap(self.ptr.cast(), self.len) }.unwrap();
+    }
+}
+
+impl Frontend {
+    fn submit(&mut self, commands: Vec<u8>) -> Result<ReplyBody, RenderError> {
+        self.call(RendererOp::Submit3d {
+            ctx_id: CTX,
+            ring_idx: 0,
+            commands,
+        })
+    }
+
+    /// A cross-domain context with an initialised query ring at `RING_AT`.
+    fn cross_domain_context(&mut self) {
+        self.ok(RendererOp::CreateContext {
+            ctx_id: CTX,
+            context_init: cross_domain::CAPSET_CROSS_DOMAIN,
+            name: b"sommelier \xff\xfe".to_vec(),
+        });
+        self.ok(RendererOp::CreateBlob {
+            ctx_id: CTX,
+            resource_id: RING,
+            blob_mem: BLOB_MEM_GUEST,
+            blob_flags: 0,
+            blob_id: 0,
+            size: 0x1000,
+            entries: vec![BackingEntry {
+                addr: GUEST_BASE + RING_AT,
+                length: 0x1000,
+            }],
+        });
+        self.ok(RendererOp::AttachResource {
+            ctx_id: CTX,
+            resource_id: RING,
+        });
+        assert_eq!(self.submit(cross_domain::init(RING)), Ok(ReplyBody::Done));
+    }
+
+    /// GET_IMAGE_REQUIREMENTS through SUBMIT_3D; the answer read from the guest's ring.
+    fn image_requirements(
+        &mut self,
+        ring: &File,
+        w: u32,
+        h: u32,
+    ) -> cross_domain::ImageRequirements {
+        let commands =
+            cross_domain::get_image_requirements(w, h, cross_domain::DRM_FORMAT_XRGB8888, 0);
+        assert_eq!(self.submit(commands), Ok(ReplyBody::Done));
+        let mut answer = [0u8; cross_domain::IMAGE_REQUIREMENTS_SIZE];
+        ring.read_exact_at(&mut answer, 0x1000 + RING_AT).unwrap();
+        cross_domain::ImageRequirements::parse(&answer).unwrap()
+    }
+
+    fn host_blob(
+        &mut self,
+        resource_id: u32,
+        blob_id: u32,
+        size: u64,
+        flags: u32,
+    ) -> Result<ReplyBody, RenderError> {
+        self.call(RendererOp::CreateBlob {
+            ctx_id: CTX,
+            resource_id,
+            blob_mem: BLOB_MEM_HOST3D,
+            blob_flags: flags,
+            blob_id: u64::from(blob_id),
+            size,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Map: the reply, and the fd it put on the lane.
+    fn map(&mut self, resource_id: u32) -> (u64, u32, OwnedFd) {
+        match self.call(RendererOp::Map { resource_id }) {
+            Ok(ReplyBody::MapReady {
+                resource_id: got,
+                size,
+                map_info,
+                fds,
+            }) => {
+                assert_eq!(got, resource_id);
+                let mut fds = self.lane.recv(fds).unwrap();
+                assert_eq!(fds.len(), 1);
+                (size, map_info, fds.remove(0))
+            }
+            other => panic!("expected MapReady for {resource_id}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn cross_domain_blob_maps_unmaps_and_finalizes() {
+    let mut fe = Frontend::start(config());
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let reqs = fe.image_requirements(&guest_a, 64, 32);
+    assert_eq!(reqs.strides[0], 256);
+    assert_eq!(reqs.size, 64 * 32 * 4);
+    assert_eq!(reqs.map_info, 1, "VIRTIO_GPU_MAP_CACHE_CACHED");
+    assert_ne!(reqs.blob_id, 0);
+
+    // A fenced HOST3D blob creation: reply first, then the context's fence.
+    let fence = FenceInfo {
+        fence_id: 5,
+        ctx_id: CTX,
+        ring_idx: 0,
+    };
+    let seq = fe.send(
+        RendererOp::CreateBlob {
+            ctx_id: CTX,
+            resource_id: 60,
+            blob_mem: BLOB_MEM_HOST3D,
+            blob_flags: MAPPABLE,
+            blob_id: u64::from(reqs.blob_id),
+            size: reqs.size,
+            entries: Vec::new(),
+        },
+        Some(fence),
+    );
+    assert_eq!(fe.reply(seq), Ok(ReplyBody::Done));
+    match fe.next_event() {
+        RendererEvent::FenceSignaled(f) => assert_eq!(f, fence),
+        other => panic!("expected the context fence, got {other:?}"),
+    }
+
+    let (size, map_info, fd) = fe.map(60);
+    assert_eq!((size, map_info), (reqs.size, 1));
+    let stat = fstat(&fd).unwrap();
+    assert!(stat.st_size as u64 >= size);
+    let mut window = VmmMapping::new(&fd, size as usize);
+    assert!(
+        window.bytes().iter().all(|&b| b == 0),
+        "a new blob reads as zeros"
+    );
+    let pattern: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+    window.bytes().copy_from_slice(&pattern);
+
+    // Out of order and repeated steps are refused, never a panic.
+    let wrong_state = Err(RenderError::InvalidResource(60));
+    assert_eq!(fe.call(RendererOp::Map { resource_id: 60 }), wrong_state);
+    assert_eq!(
+        fe.call(RendererOp::Finalize { resource_id: 60 }),
+        wrong_state
+    );
+    assert_eq!(
+        fe.call(RendererOp::Unmap { resource_id: 60 }),
+        Ok(ReplyBody::UnmapAck { resource_id: 60 })
+    );
+    assert_eq!(fe.call(RendererOp::Unmap { resource_id: 60 }), wrong_state);
+    assert_eq!(fe.call(RendererOp::Map { resource_id: 60 }), wrong_state);
+    assert_eq!(
+        fe.call(RendererOp::Finalize { resource_id: 60 }),
+        Ok(ReplyBody::FinalizeAck { resource_id: 60 })
+    );
+    assert_eq!(
+        fe.call(RendererOp::Finalize { resource_id: 60 }),
+        wrong_state
+    );
+    assert_eq!(fe.call(RendererOp::Unmap { resource_id: 60 }), wrong_state);
+    drop(window);
+
+    // Mapped again: the same memory, holding what was written through the first window.
+    let (_, _, again) = fe.map(60);
+    assert_eq!(fstat(&again).unwrap().st_ino, stat.st_ino);
+    let mut window = VmmMapping::new(&again, size as usize);
+    assert_eq!(window.bytes(), &pattern[..]);
+
+    // Unref of a mapped blob is allowed (the frontend has unmapped it by then); the VMM's
+    // mapping stays valid until it goes.
+    fe.ok(RendererOp::Unref { resource_id: 60 });
+    window.bytes()[0] = 1;
+    assert_eq!(
+        fe.call(RendererOp::Unmap { resource_id: 60 }),
+        Err(RenderError::InvalidResource(60))
+    );
+    fe.finish().unwrap();
+}
+
+#[test]
+fn maps_of_blobs_that_cannot_be_mapped_are_refused() {
+    let mut fe = Frontend::start(config());
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let reqs = fe.image_requirements(&guest_a, 16, 16);
+    assert_eq!(
+        fe.host_blob(61, reqs.blob_id, reqs.size, 0),
+        Ok(ReplyBody::Done)
+    );
+    let invalid = |r: Result<ReplyBody, RenderError>| {
+        assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}")
+    };
+    invalid(fe.call(RendererOp::Map { resource_id: 61 }));
+    invalid(fe.call(RendererOp::Map { resource_id: RING }));
+    fe.ok(RendererOp::CreateResource2d {
+        resource_id: 62,
+        format: FORMAT,
+        width: 4,
+        height: 4,
+    });
+    invalid(fe.call(RendererOp::Map { resource_id: 62 }));
+    invalid(fe.call(RendererOp::Unmap { resource_id: 62 }));
+    for op in [
+        RendererOp::Map { resource_id: 99 },
+        RendererOp::Unmap { resource_id: 99 },
+        RendererOp::Finalize { resource_id: 99 },
+    ] {
+        assert_eq!(fe.call(op), Err(RenderError::InvalidResource(99)));
+    }
+    // A refused Map leaves nothing on the lane: the next good one lines up.
+    assert_eq!(
+        fe.host_blob(63, reqs.blob_id, reqs.size, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    let (size, _, _fd) = fe.map(63);
+    assert_eq!(size, reqs.size);
+    // Blob creation errors: unknown blob_id, wrong size, unknown context, no context.
+    invalid(fe.host_blob(64, 12345, reqs.size, MAPPABLE));
+    assert!(fe
+        .host_blob(64, reqs.blob_id, reqs.size * 2, MAPPABLE)
+        .is_err());
+    invalid(fe.call(RendererOp::CreateBlob {
+        ctx_id: 0,
+        resource_id: 64,
+        blob_mem: BLOB_MEM_HOST3D,
+        blob_flags: MAPPABLE,
+        blob_id: u64::from(reqs.blob_id),
+        size: reqs.size,
+        entries: Vec::new(),
+    }));
+    // The id is still free after every refusal.
+    assert_eq!(
+        fe.host_blob(64, reqs.blob_id, reqs.size, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    assert_eq!(
+        fe.host_blob(64, reqs.blob_id, reqs.size, MAPPABLE),
+        Err(RenderError::InvalidResource(64))
+    );
+    // A guest blob outside guest memory, or whose entries do not add up to its size.
+    for (addr, length, size) in [
+        (GUEST_BASE + 2 * REGION, 0x1000, 0x1000),
+        (GUEST_BASE, 0x800, 0x1000),
+    ] {
+        invalid(fe.call(RendererOp::CreateBlob {
+            ctx_id: 0,
+            resource_id: 65,
+            blob_mem: BLOB_MEM_GUEST,
+            blob_flags: 0,
+            blob_id: 0,
+            size,
+            entries: vec![BackingEntry { addr, length }],
+        }));
+    }
+    // Hostile command streams.
+    invalid(fe.submit(vec![3, 0, 0, 0, 0, 0, 0, 0]));
+    invalid(fe.submit(cross_domain::init_with_channel(RING, RING, 1)));
+    fe.finish().unwrap();
+}
+
+#[test]
+fn blob_bytes_count_against_the_limits() {
+    let limits = Limits {
+        max_resources: 4,
+        max_resource_bytes: 3 * 4096,
+        ..Limits::default()
+    };
+    let mut fe = Frontend::start(DeviceConfig { limits, ..config() });
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let reqs = fe.image_requirements(&guest_a, 32, 32);
+    assert_eq!(reqs.size, 4096);
+    // The guest ring costs no host bytes; two 4 KiB blobs fit, with room for one more...
+    assert_eq!(
+        fe.host_blob(1, reqs.blob_id, 4096, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    assert_eq!(
+        fe.host_blob(2, reqs.blob_id, 4096, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    let big = fe.image_requirements(&guest_a, 64, 32);
+    let r = fe.host_blob(3, big.blob_id, big.size, MAPPABLE);
+    assert!(matches!(r, Err(RenderError::OutOfMemory(_))), "{r:?}");
+    assert_eq!(
+        fe.host_blob(3, reqs.blob_id, 4096, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    // ...and the count limit holds for blobs too.
+    fe.ok(RendererOp::Unref { resource_id: 1 });
+    fe.ok(RendererOp::CreateResource2d {
+        resource_id: 1,
+        format: FORMAT,
+        width: 1,
+        height: 1,
+    });
+    let r = fe.host_blob(9, reqs.blob_id, 4096, MAPPABLE);
+    assert!(matches!(r, Err(RenderError::OutOfMemory(_))), "{r:?}");
+    fe.finish().unwrap();
+}
+
+#[test]
+fn capsets_come_from_rutabaga() {
+    let mut fe = Frontend::start(config());
+    assert_eq!(NUM_CAPSETS, 1);
+    assert_eq!(
+        fe.call(RendererOp::GetCapsetInfo { index: 0 }),
+        Ok(ReplyBody::CapsetInfo {
+            capset_id: cross_domain::CAPSET_CROSS_DOMAIN,
+            max_version: 0,
+            max_size: cross_domain::CAPABILITIES_SIZE as u32,
+        })
+    );
+    let r = fe.call(RendererOp::GetCapsetInfo { index: NUM_CAPSETS });
+    assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+    match fe.call(RendererOp::GetCapset {
+        capset_id: cross_domain::CAPSET_CROSS_DOMAIN,
+        version: 0,
+    }) {
+        Ok(ReplyBody::Capset(bytes)) => {
+            let caps = cross_domain::Capabilities::parse(&bytes).unwrap();
+            assert_eq!(
+                caps,
+                cross_domain::Capabilities {
+                    version: 1,
+                    supported_channels: 0,
+                    supports_dmabuf: 0,
+                    supports_external_gpu_memory: 0,
+                }
+            );
+        }
+        other => panic!("expected the cross-domain capset, got {other:?}"),
+    }
+    for (capset_id, version) in [(1, 0), (5, 1), (0, 0)] {
+        let r = fe.call(RendererOp::GetCapset { capset_id, version });
+        assert!(
+            matches!(r, Err(RenderError::InvalidParameter(_))),
+            "{capset_id} v{version}: {r:?}"
+        );
+    }
+    fe.finish().unwrap();
+}
+
+#[test]
+fn reset_destroys_contexts_and_blobs() {
+    let mut fe = Frontend::start(config());
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let reqs = fe.image_requirements(&guest_a, 16, 16);
+    assert_eq!(
+        fe.host_blob(70, reqs.blob_id, reqs.size, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    let (_, _, _fd) = fe.map(70);
+    fe.ok(RendererOp::Reset);
+    assert!(fe.submit(cross_domain::poll()).is_err(), "context gone");
+    assert_eq!(
+        fe.call(RendererOp::Unmap { resource_id: 70 }),
+        Err(RenderError::InvalidResource(70))
+    );
+    assert_eq!(
+        fe.call(RendererOp::AttachResource {
+            ctx_id: CTX,
+            resource_id: RING
+        }),
+        Err(RenderError::InvalidResource(RING))
+    );
+    // Everything can be made again under the same ids (guest memory is resent first).
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let reqs = fe.image_requirements(&guest_a, 16, 16);
+    assert_eq!(
+        fe.host_blob(70, reqs.blob_id, reqs.size, MAPPABLE),
+        Ok(ReplyBody::Done)
+    );
+    fe.ok(RendererOp::DetachResource {
+        ctx_id: CTX,
+        resource_id: RING,
+    });
+    fe.ok(RendererOp::DestroyContext { ctx_id: CTX });
+    let r = fe.call(RendererOp::DestroyContext { ctx_id: CTX });
+    assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+    fe.finish().unwrap();
 }

@@ -1,8 +1,12 @@
 //! `run()` — the role's real main — in a child process under the real renderer seccomp
-//! filter, serving a scanout flush, a cursor read and a fence, then exiting 0 when the
-//! frontend closes the request channel. The child is this test binary re-executed; the
+//! filter, serving a scanout flush, a cursor read, a fence, and the whole cross-domain
+//! path (context, query ring, image requirements, a shm blob exported, mapped, written,
+//! unmapped, finalized and mapped again; capsets), then exiting 0 when the frontend
+//! closes the request channel. The child is this test binary re-executed; the
 //! test plays broker and frontend. (The full broker/frontend/VMM stack is tested by the
 //! workspace's integration tests.)
+
+mod cross_domain;
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -18,7 +22,8 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use protocol::bootstrap::{ChildStatus, RendererBootstrap};
 use protocol::config::DeviceConfig;
 use protocol::ipc::{
-    BackingEntry, FenceInfo, GuestRegion, RendererEvent, RendererOp, RendererRequest, ReplyBody,
+    BackingEntry, FenceInfo, GuestRegion, RenderError, RendererEvent, RendererOp, RendererRequest,
+    ReplyBody,
 };
 use protocol::lane::Lane;
 use protocol::virtio_gpu::Rect;
@@ -113,14 +118,15 @@ fn run_serves_requests_under_seccomp() {
 
     let lane = Lane::new(ours);
     let mut seq = 0;
-    let mut call = |op: RendererOp, fence: Option<FenceInfo>| {
+    let mut try_call = |op: RendererOp, fence: Option<FenceInfo>| {
         seq += 1;
         req_tx.send(RendererRequest { seq, op, fence }).unwrap();
         match ev_rx.try_recv_timeout(WAIT) {
-            Ok(RendererEvent::Reply { seq: got, result }) if got == seq => result.unwrap(),
+            Ok(RendererEvent::Reply { seq: got, result }) if got == seq => result,
             other => panic!("expected reply {seq}, got {other:?}"),
         }
     };
+    let mut call = |op: RendererOp, fence: Option<FenceInfo>| try_call(op, fence).unwrap();
 
     let guest = memfd(c"guest", 0x10000);
     let pattern: Vec<u8> = (0..0x10000u32).map(|i| (i % 249) as u8).collect();
@@ -207,7 +213,8 @@ fn run_serves_requests_under_seccomp() {
         }
         other => panic!("expected a cursor image, got {other:?}"),
     }
-    call(RendererOp::Reset, None);
+    cross_domain_under_seccomp(&mut try_call, &lane, &guest);
+    try_call(RendererOp::Reset, None).unwrap();
 
     // Every event rang the doorbell: the counter holds one ring per event (at least the
     // replies above), which is what wakes the frontend's event loop.
@@ -222,4 +229,158 @@ fn run_serves_requests_under_seccomp() {
         "jailed renderer exited with {status:?} (signal {:?})",
         status.signal()
     );
+}
+
+/// Sends `Map` for blob `id`; returns the reply's size and the fd from the lane.
+fn map(
+    call: &mut dyn FnMut(RendererOp, Option<FenceInfo>) -> Result<ReplyBody, RenderError>,
+    lane: &Lane,
+    id: u32,
+) -> (u64, File) {
+    match call(RendererOp::Map { resource_id: id }, None).unwrap() {
+        ReplyBody::MapReady {
+            resource_id,
+            size,
+            map_info,
+            fds,
+        } => {
+            assert_eq!((resource_id, map_info), (id, 1));
+            let mut fds = lane.recv(fds).unwrap();
+            assert_eq!(fds.len(), 1);
+            (size, File::from(fds.remove(0)))
+        }
+        other => panic!("expected MapReady, got {other:?}"),
+    }
+}
+
+/// The cross-domain path, as a guest drives it, with the renderer jailed.
+fn cross_domain_under_seccomp(
+    call: &mut dyn FnMut(RendererOp, Option<FenceInfo>) -> Result<ReplyBody, RenderError>,
+    lane: &Lane,
+    guest: &File,
+) {
+    const CTX: u32 = 3;
+    const RING: u32 = 20;
+    const BLOB: u32 = 21;
+    const RING_AT: u64 = 0x8000;
+    match call(RendererOp::GetCapsetInfo { index: 0 }, None).unwrap() {
+        ReplyBody::CapsetInfo {
+            capset_id,
+            max_version,
+            max_size,
+        } => assert_eq!((capset_id, max_version, max_size), (5, 0, 16)),
+        other => panic!("expected capset info, got {other:?}"),
+    }
+    let capset = RendererOp::GetCapset {
+        capset_id: cross_domain::CAPSET_CROSS_DOMAIN,
+        version: 0,
+    };
+    match call(capset, None).unwrap() {
+        ReplyBody::Capset(bytes) => {
+            let caps = cross_domain::Capabilities::parse(&bytes).unwrap();
+            assert_eq!((caps.version, caps.supported_channels), (1, 0));
+        }
+        other => panic!("expected the capset, got {other:?}"),
+    }
+    let create = RendererOp::CreateContext {
+        ctx_id: CTX,
+        context_init: cross_domain::CAPSET_CROSS_DOMAIN,
+        name: b"jailed".to_vec(),
+    };
+    call(create, None).unwrap();
+    let ring = RendererOp::CreateBlob {
+        ctx_id: CTX,
+        resource_id: RING,
+        blob_mem: 1,
+        blob_flags: 0,
+        blob_id: 0,
+        size: 0x1000,
+        entries: vec![BackingEntry {
+            addr: 0x1_0000_0000 + RING_AT,
+            length: 0x1000,
+        }],
+    };
+    call(ring, None).unwrap();
+    let attach = RendererOp::AttachResource {
+        ctx_id: CTX,
+        resource_id: RING,
+    };
+    call(attach, None).unwrap();
+    let mut commands = cross_domain::init(RING);
+    commands.extend(cross_domain::poll());
+    commands.extend(cross_domain::get_image_requirements(
+        128,
+        64,
+        cross_domain::DRM_FORMAT_ARGB8888,
+        0,
+    ));
+    let submit = RendererOp::Submit3d {
+        ctx_id: CTX,
+        ring_idx: 0,
+        commands,
+    };
+    call(submit, None).unwrap();
+    let mut answer = [0u8; cross_domain::IMAGE_REQUIREMENTS_SIZE];
+    guest.read_exact_at(&mut answer, RING_AT).unwrap();
+    let reqs = cross_domain::ImageRequirements::parse(&answer).unwrap();
+    assert_eq!((reqs.strides[0], reqs.size), (512, 128 * 64 * 4));
+    // The blob is a memfd the jailed renderer creates (memfd_create + ftruncate).
+    let blob = RendererOp::CreateBlob {
+        ctx_id: CTX,
+        resource_id: BLOB,
+        blob_mem: 2,
+        blob_flags: 1,
+        blob_id: u64::from(reqs.blob_id),
+        size: reqs.size,
+        entries: Vec::new(),
+    };
+    call(blob, None).unwrap();
+    let (size, window) = map(call, lane, BLOB);
+    assert_eq!(size, reqs.size);
+    window
+        .write_all_at(b"written by the VMM's guest", 4096)
+        .unwrap();
+    assert_eq!(
+        call(RendererOp::Unmap { resource_id: BLOB }, None).unwrap(),
+        ReplyBody::UnmapAck { resource_id: BLOB }
+    );
+    assert_eq!(
+        call(RendererOp::Finalize { resource_id: BLOB }, None).unwrap(),
+        ReplyBody::FinalizeAck { resource_id: BLOB }
+    );
+    drop(window);
+    let (_, again) = map(call, lane, BLOB);
+    let mut seen = [0u8; 26];
+    again.read_exact_at(&mut seen, 4096).unwrap();
+    assert_eq!(&seen, b"written by the VMM's guest");
+    // Streams that would hang rutabaga (a command of size 0) or make it create a pipe
+    // (SEND of a read pipe, a syscall the filter kills) are refused with an error reply,
+    // and the renderer lives on.
+    let hostile: [Vec<u8>; 2] = [vec![3, 0, 0, 0, 0, 0, 0, 0], send_with_read_pipe()];
+    for commands in hostile {
+        let r = call(
+            RendererOp::Submit3d {
+                ctx_id: CTX,
+                ring_idx: 0,
+                commands,
+            },
+            None,
+        );
+        assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+    }
+    let destroy = RendererOp::DestroyContext { ctx_id: CTX };
+    call(destroy, None).unwrap();
+}
+
+/// A CROSS_DOMAIN_CMD_SEND carrying one identifier of type READ_PIPE (3): header, then
+/// num_identifiers, opaque_data_size, identifiers[28], identifier_types[28],
+/// identifier_sizes[28] (u32 each).
+fn send_with_read_pipe() -> Vec<u8> {
+    let size = 8 + 8 + 3 * 28 * 4;
+    let mut out = cross_domain::header(cross_domain::CMD_SEND, size).to_vec();
+    out.resize(size, 0);
+    out[8..12].copy_from_slice(&1u32.to_le_bytes());
+    out[16..20].copy_from_slice(&0x8000_0001u32.to_le_bytes());
+    out[16 + 28 * 4..16 + 28 * 4 + 4].copy_from_slice(&3u32.to_le_bytes());
+    out
 }

@@ -22,6 +22,10 @@ use crate::virtqueue::{QueueError, SplitQueue};
 
 /// VIRTIO_GPU_F_EDID.
 pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
+/// VIRTIO_GPU_F_RESOURCE_BLOB.
+pub const VIRTIO_GPU_F_RESOURCE_BLOB: u64 = 1 << 3;
+/// VIRTIO_GPU_F_CONTEXT_INIT.
+pub const VIRTIO_GPU_F_CONTEXT_INIT: u64 = 1 << 4;
 /// VIRTIO_RING_F_EVENT_IDX.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
@@ -132,7 +136,8 @@ pub struct VmmOptions {
     pub display: DisplayConfig,
     /// Hostmem (shared memory region [`HOSTMEM_SHMID`]) size the backend must report. When
     /// set, the VMM negotiates BACKEND_REQ + SHMEM (+ REPLY_ACK, already wanted), checks
-    /// GET_SHMEM_CONFIG's region [`HOSTMEM_SHMID`] is exactly this size, reserves the window and serves
+    /// GET_SHMEM_CONFIG's region [`HOSTMEM_SHMID`] is exactly this size, acknowledges
+    /// VIRTIO_GPU_F_RESOURCE_BLOB and F_CONTEXT_INIT (when offered), reserves the window and serves
     /// SHMEM_MAP / SHMEM_UNMAP on a backend request channel (SET_BACKEND_REQ_FD).
     pub hostmem: Option<u64>,
     /// Negotiate VHOST_USER_PROTOCOL_F_RESET_DEVICE (if offered), as QEMU does, so
@@ -283,6 +288,10 @@ impl TestVmm {
         let mut wanted = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_GPU_F_EDID;
         if opts.event_idx {
             wanted |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        if opts.hostmem.is_some() {
+            // A guest driver that sees the host-visible region uses blobs and contexts.
+            wanted |= VIRTIO_GPU_F_RESOURCE_BLOB | VIRTIO_GPU_F_CONTEXT_INIT;
         }
         let acked_features = device_features & wanted;
         vh("SET_FEATURES", frontend.set_features(acked_features))?;
