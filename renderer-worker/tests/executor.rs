@@ -3,7 +3,7 @@
 //! The executor runs on its own thread here; multi-process runs are the integration
 //! tests' job.
 
-mod cross_domain;
+use vgpu_tests::cross_domain;
 
 use std::fs::File;
 use std::num::NonZeroUsize;

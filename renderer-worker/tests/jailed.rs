@@ -6,7 +6,7 @@
 //! test plays broker and frontend. (The full broker/frontend/VMM stack is tested by the
 //! workspace's integration tests.)
 
-mod cross_domain;
+use vgpu_tests::cross_domain;
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
