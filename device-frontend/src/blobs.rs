@@ -10,16 +10,17 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 
-use protocol::ipc::{BackingEntry, RendererOp, ReplyBody};
+use protocol::ipc::{BackingEntry, BlobScanout, RendererOp, ReplyBody};
 use protocol::virtio_gpu::{
-    BlobMem, Command, CtrlHeader, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-    VIRTIO_GPU_FLAG_INFO_RING_IDX,
+    BlobMem, Command, CtrlHeader, ErrorCode, Format, Rect, Response,
+    VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_FLAG_INFO_RING_IDX,
 };
 
 use crate::blob_map::{self, Action, Event, Export, MapError, MapState};
 use crate::control::{After, Control, CONTROL_QUEUE};
 use crate::error::FrontendError;
 use crate::execute::Outcome;
+use crate::scanout::ScanoutBuffer;
 use crate::vmm_requests::{VmmAck, VmmRequest, VmmRequests};
 
 /// Window offsets and lengths are in whole pages.
@@ -32,6 +33,16 @@ pub(crate) enum Wait {
     Map(u32),
     /// The completion of this blob's unmap.
     Unmap(u32),
+}
+
+/// Plane 0 of a SET_SCANOUT_BLOB framebuffer, as the guest described it.
+#[derive(Clone, Copy, Debug)]
+struct BlobFb {
+    width: u32,
+    height: u32,
+    format: Format,
+    stride: u32,
+    offset: u32,
 }
 
 /// Per-blob bookkeeping.
@@ -217,9 +228,25 @@ impl Control {
                 self.drive(resource_id, Event::UnmapRequested)?;
                 Ok(Ok(None))
             }
-            Command::SetScanoutBlob { .. } => {
-                crate::guest_warn!("SET_SCANOUT_BLOB is not supported yet");
-                Ok(Err(ErrorCode::Unspec))
+            Command::SetScanoutBlob {
+                scanout_id,
+                resource_id,
+                rect,
+                width,
+                height,
+                format,
+                strides,
+                offsets,
+            } => {
+                let fence = self.fence_of(hdr);
+                let fb = BlobFb {
+                    width,
+                    height,
+                    format,
+                    stride: strides[0],
+                    offset: offsets[0],
+                };
+                self.set_scanout_blob(scanout_id, resource_id, rect, fb, fence)
             }
             other => {
                 log::error!("blob_command called with {:?}", other.cmd_type());
@@ -294,6 +321,78 @@ impl Control {
         Ok(Ok(None))
     }
 
+    /// SET_SCANOUT_BLOB: shows plane 0 of a framebuffer laid out in a blob (the Linux
+    /// driver's dumb buffers with RESOURCE_BLOB). Resource 0 disables the scanout.
+    fn set_scanout_blob(
+        &mut self,
+        scanout_id: u32,
+        resource_id: u32,
+        rect: Rect,
+        fb: BlobFb,
+        fence: Option<protocol::ipc::FenceInfo>,
+    ) -> Outcome {
+        if scanout_id as usize >= self.scanouts.len() {
+            return Ok(Err(ErrorCode::InvalidScanoutId));
+        }
+        if resource_id == 0 {
+            self.disable_scanout(scanout_id)?;
+            return Ok(Ok(Some(Response::OkNodata)));
+        }
+        let Some(slot) = self.blobs.slots.get(&resource_id) else {
+            if self.resources.get(resource_id).is_ok() {
+                crate::guest_warn!("SET_SCANOUT_BLOB of resource {resource_id}: not a blob");
+                return Ok(Err(ErrorCode::InvalidParameter));
+            }
+            return Ok(Err(ErrorCode::InvalidResourceId));
+        };
+        let Some(layout) = blob_fb_layout(&fb, &rect, slot.size, self.config.limits.max_dimension)
+        else {
+            crate::guest_warn!(
+                "SET_SCANOUT_BLOB of resource {resource_id} ({} bytes): framebuffer {}x{} \
+                 stride {} offset {} rect {rect:?} does not fit",
+                slot.size,
+                fb.width,
+                fb.height,
+                fb.stride,
+                fb.offset
+            );
+            return Ok(Err(ErrorCode::InvalidParameter));
+        };
+        let s = &self.scanouts[scanout_id as usize];
+        let reuse = s.resource_id == resource_id && s.blob == Some(layout) && s.buffer.is_some();
+        if !reuse {
+            // width <= max_dimension: the packed row fits a u32.
+            let buffer = match ScanoutBuffer::new(fb.width * 4, fb.height) {
+                Ok(b) => b,
+                Err(e) => {
+                    crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
+                    return Ok(Err(ErrorCode::OutOfMemory));
+                }
+            };
+            let fds = self.link.send_fds(&[buffer.fd()])?;
+            let op = RendererOp::SetScanoutBlobBuffer {
+                scanout_id,
+                resource_id,
+                layout,
+                size: buffer.len() as u64,
+                fds,
+            };
+            self.scanouts[scanout_id as usize].buffer = Some(buffer);
+            self.request(op, None, After::Nothing)?;
+        }
+        let s = &mut self.scanouts[scanout_id as usize];
+        s.resource_id = resource_id;
+        s.rect = rect;
+        s.format = fb.format;
+        s.blob = Some(layout);
+        self.request(
+            RendererOp::FlushToScanout { scanout_id, rect },
+            fence,
+            After::ScanoutShown { scanout_id },
+        )?;
+        Ok(Ok(None))
+    }
+
     fn map_blob(&mut self, resource_id: u32, offset: u64) -> Outcome {
         let Some(window) = self.config.hostmem else {
             return Ok(Err(ErrorCode::Unspec));
@@ -348,6 +447,13 @@ impl Control {
         resource_id: u32,
         fence: Option<protocol::ipc::FenceInfo>,
     ) -> Outcome {
+        if !self.blobs.slots.contains_key(&resource_id) {
+            return Ok(Err(ErrorCode::InvalidResourceId));
+        }
+        // Nothing may show the blob once the guest has let it go (as for 2D resources).
+        for scanout_id in self.scanouts_showing(resource_id) {
+            self.disable_scanout(scanout_id)?;
+        }
         let Some(slot) = self.blobs.slots.get_mut(&resource_id) else {
             return Ok(Err(ErrorCode::InvalidResourceId));
         };
@@ -667,6 +773,39 @@ fn export_covers(fd: &OwnedFd, size: u64) -> bool {
     }
 }
 
+/// The renderer's layout of a SET_SCANOUT_BLOB framebuffer, or None when it is malformed:
+/// sides zero or above `max_dimension`, `rect` empty or outside the framebuffer, a stride
+/// shorter than a packed row, or plane 0 (`offset + stride * (height - 1) + width * 4`,
+/// overflow-checked) reaching past the blob's `blob_size` bytes.
+fn blob_fb_layout(
+    fb: &BlobFb,
+    rect: &Rect,
+    blob_size: u64,
+    max_dimension: u32,
+) -> Option<BlobScanout> {
+    let sides_ok = |v: u32| v != 0 && v <= max_dimension;
+    if !sides_ok(fb.width) || !sides_ok(fb.height) {
+        return None;
+    }
+    if rect.is_empty() || !rect.is_inside(fb.width, fb.height) {
+        return None;
+    }
+    let row = u64::from(fb.width) * 4;
+    if u64::from(fb.stride) < row {
+        return None;
+    }
+    let end = u64::from(fb.stride)
+        .checked_mul(u64::from(fb.height - 1))?
+        .checked_add(u64::from(fb.offset))?
+        .checked_add(row)?;
+    (end <= blob_size).then_some(BlobScanout {
+        offset: u64::from(fb.offset),
+        stride: fb.stride,
+        width: fb.width,
+        height: fb.height,
+    })
+}
+
 /// A stable, per-resource UUID: RESOURCE_ASSIGN_UUID only needs ids unique per device.
 fn resource_uuid(resource_id: u32) -> [u8; 16] {
     let mut uuid = [0u8; 16];
@@ -676,4 +815,78 @@ fn resource_uuid(resource_id: u32) -> [u8; 16] {
     uuid[6] = (uuid[6] & 0x0f) | 0x80;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     uuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fb(width: u32, height: u32, stride: u32, offset: u32) -> BlobFb {
+        BlobFb {
+            width,
+            height,
+            format: Format::B8G8R8X8Unorm,
+            stride,
+            offset,
+        }
+    }
+
+    fn rect(x: u32, y: u32, width: u32, height: u32) -> Rect {
+        Rect {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
+    #[test]
+    fn blob_framebuffers_must_fit_their_blob() {
+        let full = rect(0, 0, 16, 8);
+        // 16x8, stride 80, offset 256: the last row ends at 256 + 80 * 7 + 64 = 880.
+        let layout = blob_fb_layout(&fb(16, 8, 80, 256), &full, 880, 4096).unwrap();
+        assert_eq!(
+            layout,
+            BlobScanout {
+                offset: 256,
+                stride: 80,
+                width: 16,
+                height: 8
+            }
+        );
+        assert!(blob_fb_layout(&fb(16, 8, 80, 256), &full, 879, 4096).is_none());
+        // Stride shorter than a packed row.
+        assert!(blob_fb_layout(&fb(16, 8, 63, 0), &full, 1 << 20, 4096).is_none());
+        // Sides: zero, or above the maximum dimension.
+        assert!(blob_fb_layout(&fb(0, 8, 64, 0), &rect(0, 0, 0, 8), 1 << 20, 4096).is_none());
+        assert!(blob_fb_layout(&fb(16, 0, 64, 0), &rect(0, 0, 16, 0), 1 << 20, 4096).is_none());
+        assert!(blob_fb_layout(&fb(16, 8, 64, 0), &full, 1 << 20, 15).is_none());
+        // Rect empty, outside, or overflowing.
+        for r in [
+            rect(0, 0, 0, 8),
+            rect(1, 0, 16, 8),
+            rect(0, 1, 16, 8),
+            rect(u32::MAX, 0, 2, 1),
+        ] {
+            assert!(
+                blob_fb_layout(&fb(16, 8, 64, 0), &r, 1 << 20, 4096).is_none(),
+                "{r:?}"
+            );
+        }
+        // Overflow of the extent is refused, never wrapped.
+        assert!(blob_fb_layout(
+            &fb(1, 4096, u32::MAX, u32::MAX),
+            &rect(0, 0, 1, 1),
+            u64::MAX,
+            4096
+        )
+        .is_some());
+        assert!(blob_fb_layout(
+            &fb(1, 4096, u32::MAX, u32::MAX),
+            &rect(0, 0, 1, 1),
+            u64::from(u32::MAX) * 4096,
+            4096
+        )
+        .is_none());
+    }
 }

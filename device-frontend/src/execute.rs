@@ -201,7 +201,7 @@ impl Control {
             .all(|e| mem.check_range(GuestAddress(e.addr), e.length as usize, Permissions::Read))
     }
 
-    fn scanouts_showing(&self, resource_id: u32) -> Vec<u32> {
+    pub(crate) fn scanouts_showing(&self, resource_id: u32) -> Vec<u32> {
         self.scanouts
             .iter()
             .enumerate()
@@ -210,7 +210,7 @@ impl Control {
             .collect()
     }
 
-    fn disable_scanout(&mut self, scanout_id: u32) -> Result<(), FrontendError> {
+    pub(crate) fn disable_scanout(&mut self, scanout_id: u32) -> Result<(), FrontendError> {
         let Some(s) = self.scanouts.get_mut(scanout_id as usize) else {
             return Ok(());
         };
@@ -252,8 +252,9 @@ impl Control {
         }
         let stride = resource.width * 4;
         let s = &self.scanouts[scanout_id as usize];
-        let reuse =
-            s.resource_id == resource_id && s.buffer.as_ref().is_some_and(|b| b.stride() == stride);
+        let reuse = s.resource_id == resource_id
+            && s.blob.is_none()
+            && s.buffer.as_ref().is_some_and(|b| b.stride() == stride);
         if !reuse {
             let buffer = match ScanoutBuffer::new(stride, resource.height) {
                 Ok(b) => b,
@@ -277,6 +278,7 @@ impl Control {
         s.resource_id = resource_id;
         s.rect = rect;
         s.format = resource.format;
+        s.blob = None;
         self.request(
             RendererOp::FlushToScanout { scanout_id, rect },
             fence,
@@ -286,7 +288,21 @@ impl Control {
     }
 
     fn flush(&mut self, resource_id: u32, rect: Rect, fence: Option<FenceInfo>) -> Outcome {
-        if let Err(code) = self.resources.check_rect(resource_id, &rect) {
+        if self.is_blob(resource_id) {
+            // A blob has no 2D shape of its own: the rect is in the framebuffer coordinates
+            // of the blob scanouts showing it, and must lie inside each of them.
+            let fits = self.scanouts_showing(resource_id).iter().all(|&id| {
+                self.scanouts[id as usize]
+                    .blob
+                    .is_some_and(|fb| rect.is_inside(fb.width, fb.height))
+            });
+            if !fits {
+                crate::guest_warn!(
+                    "RESOURCE_FLUSH of blob {resource_id}: {rect:?} outside its framebuffer"
+                );
+                return Ok(Err(ErrorCode::InvalidParameter));
+            }
+        } else if let Err(code) = self.resources.check_rect(resource_id, &rect) {
             return Ok(Err(code));
         }
         let targets: Vec<(u32, Rect)> = self

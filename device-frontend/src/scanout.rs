@@ -14,6 +14,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::ftruncate;
+use protocol::ipc::BlobScanout;
 use protocol::virtio_gpu::{Format, Rect};
 
 /// A sealed memfd holding one resource's pixels at resource coordinates.
@@ -139,6 +140,9 @@ pub struct Scanout {
     pub rect: Rect,
     /// The pixel buffer shared with the renderer (present while enabled).
     pub buffer: Option<ScanoutBuffer>,
+    /// For a blob scanout (SET_SCANOUT_BLOB), where its framebuffer lies in the blob;
+    /// `rect` and the buffer are then in framebuffer coordinates.
+    pub blob: Option<BlobScanout>,
 }
 
 impl Default for Scanout {
@@ -148,6 +152,7 @@ impl Default for Scanout {
             format: Format::B8G8R8X8Unorm,
             rect: Rect::default(),
             buffer: None,
+            blob: None,
         }
     }
 }

@@ -44,6 +44,22 @@ pub struct FenceInfo {
     pub ring_idx: u8,
 }
 
+/// Where a blob scanout's framebuffer lies inside its blob (plane 0 of SET_SCANOUT_BLOB,
+/// 4 bytes per pixel): pixel (x, y) is at byte `offset + y * stride + x * 4` of the blob.
+/// The frontend has checked that the whole framebuffer lies inside the blob; the renderer
+/// bounds-checks every row it copies again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobScanout {
+    /// Byte offset of the framebuffer's first pixel in the blob.
+    pub offset: u64,
+    /// Bytes per row in the blob (at least `width * 4`).
+    pub stride: u32,
+    /// Framebuffer width in pixels.
+    pub width: u32,
+    /// Framebuffer height in pixels.
+    pub height: u32,
+}
+
 /// A request from the frontend to the renderer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RendererRequest {
@@ -120,12 +136,30 @@ pub enum RendererOp {
         /// The memfd, on the lane.
         fds: FdTicket,
     },
+    /// Bind a frontend-allocated, sealed memfd as the pixel buffer of a scanout showing a
+    /// blob (SET_SCANOUT_BLOB). The buffer holds the whole `layout.width` x `layout.height`
+    /// framebuffer packed (`layout.width * 4` bytes per row, framebuffer coordinates);
+    /// [`RendererOp::FlushToScanout`] then copies each row of its rect out of the blob
+    /// according to `layout`. Replaces any previous buffer of the scanout.
+    SetScanoutBlobBuffer {
+        /// Scanout index.
+        scanout_id: u32,
+        /// Blob resource shown on it.
+        resource_id: u32,
+        /// Where the framebuffer (plane 0) lies in the blob.
+        layout: BlobScanout,
+        /// Buffer size in bytes (`layout.width * 4 * layout.height`).
+        size: u64,
+        /// The memfd, on the lane.
+        fds: FdTicket,
+    },
     /// Unbind and unmap a scanout's buffer (SET_SCANOUT with resource 0).
     DisableScanout {
         /// Scanout index.
         scanout_id: u32,
     },
-    /// Copy `rect` (resource coordinates) of the scanout's resource into its buffer.
+    /// Copy `rect` (resource coordinates; framebuffer coordinates for a blob scanout) of
+    /// the scanout's resource into its buffer.
     FlushToScanout {
         /// Scanout index.
         scanout_id: u32,

@@ -77,6 +77,7 @@ fn describe(op: &RendererOp) -> &'static str {
         RendererOp::DetachBacking { .. } => "DetachBacking",
         RendererOp::TransferToHost2d { .. } => "TransferToHost2d",
         RendererOp::SetScanoutBuffer { .. } => "SetScanoutBuffer",
+        RendererOp::SetScanoutBlobBuffer { .. } => "SetScanoutBlobBuffer",
         RendererOp::DisableScanout { .. } => "DisableScanout",
         RendererOp::FlushToScanout { .. } => "FlushToScanout",
         RendererOp::ReadCursor { .. } => "ReadCursor",
@@ -342,6 +343,39 @@ impl<R: Renderer> Executor<R> {
                 self.scanouts
                     .bind(&self.ledger, scanout_id, resource_id, size, stride, fd)?;
                 log::info!("scanout {scanout_id} shows resource {resource_id}");
+            }
+            RendererOp::SetScanoutBlobBuffer {
+                scanout_id,
+                resource_id,
+                layout,
+                size,
+                fds,
+            } => {
+                // Take the fd first, whatever else is wrong, so the lane stays in step.
+                let mut fds = self.take_fds(fds)?;
+                if fds.len() != 1 {
+                    return Err(RenderError::InvalidParameter(format!(
+                        "{} fds for a scanout buffer",
+                        fds.len()
+                    )));
+                }
+                let fd = fds.remove(0);
+                let max = self.limits.max_dimension;
+                if layout.width > max || layout.height > max {
+                    return Err(RenderError::InvalidParameter(format!(
+                        "blob framebuffer {}x{} (at most {max} per side)",
+                        layout.width, layout.height
+                    )));
+                }
+                self.scanouts
+                    .bind_blob(&self.ledger, scanout_id, resource_id, layout, size, fd)?;
+                log::info!(
+                    "scanout {scanout_id} shows blob {resource_id} ({}x{}, stride {}, offset {})",
+                    layout.width,
+                    layout.height,
+                    layout.stride,
+                    layout.offset
+                );
             }
             RendererOp::DisableScanout { scanout_id } => {
                 self.scanouts.disable(scanout_id)?;

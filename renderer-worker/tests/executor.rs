@@ -20,8 +20,8 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::stat::fstat;
 use protocol::config::{DeviceConfig, Limits, OutputConfig};
 use protocol::ipc::{
-    BackingEntry, FenceInfo, GuestRegion, RenderError, RendererEvent, RendererOp, RendererRequest,
-    ReplyBody,
+    BackingEntry, BlobScanout, FenceInfo, GuestRegion, RenderError, RendererEvent, RendererOp,
+    RendererRequest, ReplyBody,
 };
 use protocol::lane::Lane;
 use protocol::virtio_gpu::Rect;
@@ -1018,5 +1018,192 @@ fn reset_destroys_contexts_and_blobs() {
     fe.ok(RendererOp::DestroyContext { ctx_id: CTX });
     let r = fe.call(RendererOp::DestroyContext { ctx_id: CTX });
     assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+    fe.finish().unwrap();
+}
+
+/// A blob scanout (SET_SCANOUT_BLOB) bound with this layout, its packed buffer returned.
+fn bind_blob_scanout(
+    fe: &mut Frontend,
+    scanout_id: u32,
+    resource_id: u32,
+    layout: BlobScanout,
+) -> Result<File, RenderError> {
+    let size = u64::from(layout.width) * 4 * u64::from(layout.height);
+    let buffer = sealed_buffer(size.max(1));
+    let fds = fe.lane.send(&[buffer.as_fd()]).unwrap();
+    fe.call(RendererOp::SetScanoutBlobBuffer {
+        scanout_id,
+        resource_id,
+        layout,
+        size,
+        fds,
+    })
+    .map(|body| {
+        assert_eq!(body, ReplyBody::Done);
+        buffer
+    })
+}
+
+#[test]
+fn blob_scanout_flush_copies_rows_with_the_blob_layout() {
+    // A guest blob of 0x4000 bytes from 0x2000 into guest memory: it runs across the two
+    // regions. The framebuffer starts 0x1f00 into it with padded rows, so its rows cross
+    // the region boundary too.
+    const AT: u64 = 0x2000;
+    const SIZE: u64 = 0x4000;
+    const W: u32 = 20;
+    const H: u32 = 10;
+    let layout = BlobScanout {
+        offset: 0x1f00,
+        stride: W * 4 + 44,
+        width: W,
+        height: H,
+    };
+    let mut fe = Frontend::start(config());
+    let (guest_a, _guest_b) = fe.set_guest_memory();
+    fe.ok(RendererOp::CreateBlob {
+        ctx_id: 0,
+        resource_id: 5,
+        blob_mem: BLOB_MEM_GUEST,
+        blob_flags: 0,
+        blob_id: 0,
+        size: SIZE,
+        entries: vec![
+            BackingEntry {
+                addr: GUEST_BASE + AT,
+                length: 0x1000,
+            },
+            BackingEntry {
+                addr: GUEST_BASE + AT + 0x1000,
+                length: (SIZE - 0x1000) as u32,
+            },
+        ],
+    });
+    let buffer = bind_blob_scanout(&mut fe, 1, 5, layout).unwrap();
+    let blob_byte = |x: u32, y: u32, c: u32| {
+        guest_byte(AT + layout.offset + u64::from(y * layout.stride + x * 4 + c))
+    };
+    let flushed = rect(3, 2, 12, 7);
+    fe.ok(RendererOp::FlushToScanout {
+        scanout_id: 1,
+        rect: flushed,
+    });
+    let got = read_file(&buffer, (W * 4 * H) as usize);
+    for y in 0..H {
+        for x in 0..W {
+            let at = ((y * W + x) * 4) as usize;
+            let in_flush = (3..15).contains(&x) && (2..9).contains(&y);
+            let want: Vec<u8> = if in_flush {
+                (0..4).map(|c| blob_byte(x, y, c)).collect()
+            } else {
+                vec![0; 4]
+            };
+            assert_eq!(got[at..at + 4], want[..], "blob scanout pixel ({x},{y})");
+        }
+    }
+    // The guest writes pixel (0, 0) of the framebuffer (it lives in region a, whose file
+    // holds guest memory from offset 0x1000): a flush of just that pixel shows it, and
+    // nothing else changes.
+    let first_pixel = 0x1000 + AT + layout.offset;
+    guest_a
+        .write_all_at(&[0xde, 0xad, 0xbe, 0xef], first_pixel)
+        .unwrap();
+    fe.ok(RendererOp::FlushToScanout {
+        scanout_id: 1,
+        rect: rect(0, 0, 1, 1),
+    });
+    let mut want = got.clone();
+    want[..4].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(read_file(&buffer, want.len()), want);
+
+    // Flushes outside the framebuffer are refused and change nothing.
+    for bad in [
+        rect(0, 0, W + 1, 1),
+        rect(0, H, 1, 1),
+        rect(u32::MAX, 0, 2, 1),
+    ] {
+        let r = fe.call(RendererOp::FlushToScanout {
+            scanout_id: 1,
+            rect: bad,
+        });
+        assert!(
+            matches!(r, Err(RenderError::InvalidParameter(_))),
+            "{bad:?}: {r:?}"
+        );
+    }
+    // A layout reaching past the blob binds (the renderer cannot size a guest blob before
+    // reading it) but its flushes are refused before any byte is written.
+    let beyond = BlobScanout {
+        offset: SIZE - 100,
+        ..layout
+    };
+    let far = bind_blob_scanout(&mut fe, 0, 5, beyond).unwrap();
+    let r = fe.call(RendererOp::FlushToScanout {
+        scanout_id: 0,
+        rect: rect(0, 0, W, H),
+    });
+    assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+    assert_eq!(
+        read_file(&far, (W * 4 * H) as usize),
+        vec![0; (W * 4 * H) as usize]
+    );
+    let huge = BlobScanout {
+        offset: u64::MAX - 8,
+        ..layout
+    };
+    let _huge = bind_blob_scanout(&mut fe, 0, 5, huge).unwrap();
+    let r = fe.call(RendererOp::FlushToScanout {
+        scanout_id: 0,
+        rect: rect(0, 0, W, H),
+    });
+    assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
+
+    // Malformed bindings: each still takes its fd off the lane.
+    let invalid = |r: Result<File, RenderError>| {
+        assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}")
+    };
+    fe.resource(7, 4, 4, 0);
+    invalid(bind_blob_scanout(&mut fe, 0, 7, layout)); // a 2D resource
+    invalid(bind_blob_scanout(
+        &mut fe,
+        0,
+        5,
+        BlobScanout {
+            stride: W * 4 - 1,
+            ..layout
+        },
+    ));
+    invalid(bind_blob_scanout(
+        &mut fe,
+        0,
+        5,
+        BlobScanout { width: 0, ..layout },
+    ));
+    invalid(bind_blob_scanout(
+        &mut fe,
+        0,
+        5,
+        BlobScanout {
+            width: 1 << 30,
+            stride: u32::MAX,
+            ..layout
+        },
+    ));
+    invalid(bind_blob_scanout(&mut fe, 9, 5, layout)); // no such scanout
+    assert_eq!(
+        bind_blob_scanout(&mut fe, 0, 99, layout).err(),
+        Some(RenderError::InvalidResource(99))
+    );
+    // The scanout still works; once the blob is gone its flushes fail cleanly.
+    fe.ok(RendererOp::FlushToScanout {
+        scanout_id: 1,
+        rect: rect(0, 0, W, H),
+    });
+    fe.ok(RendererOp::Unref { resource_id: 5 });
+    let r = fe.call(RendererOp::FlushToScanout {
+        scanout_id: 1,
+        rect: rect(0, 0, 1, 1),
+    });
+    assert_eq!(r, Err(RenderError::InvalidResource(5)));
     fe.finish().unwrap();
 }
