@@ -640,3 +640,53 @@ fn invalid_map_offsets_are_invalid_parameters() {
     no_violations(&fx);
     still_works(&mut fx.vmm, "invalid map offsets");
 }
+
+/// (1b) What the guest writes through the window is what the renderer reads: a host blob
+/// written only through its mapping, then shown with SET_SCANOUT_BLOB, reaches the
+/// display socket byte for byte (the renderer read the blob's memory, not a copy).
+#[test]
+fn bytes_written_through_the_window_are_what_the_renderer_shows() {
+    let mut fx = start();
+    let reqs = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &reqs);
+    let stride = reqs.strides[0];
+    assert!(stride >= 64 * 4, "cross-domain stride {stride}");
+    let mut want = Vec::with_capacity(64 * 64 * 4);
+    for y in 0..64u32 {
+        let row: Vec<u8> = (0..64u32)
+            .flat_map(|x| [(x * 3) as u8, (y * 5) as u8, (x ^ y) as u8, 0xff])
+            .collect();
+        let at = u64::from(reqs.offsets[0]) + u64::from(y) * u64::from(stride);
+        fx.window
+            .write(at, &row)
+            .expect("guest write through the window");
+        want.extend_from_slice(&row);
+    }
+    let fb = vgpu_tests::gpu::BlobFb {
+        width: 64,
+        height: 64,
+        format: vgpu_tests::gpu::format::B8G8R8X8_UNORM,
+        strides: [stride, 0, 0, 0],
+        offsets: [reqs.offsets[0], 0, 0, 0],
+    };
+    let rect = vgpu_tests::Rect::new(0, 0, 64, 64);
+    ok(
+        "SET_SCANOUT_BLOB of the host blob",
+        fx.vmm.gpu().set_scanout_blob(0, 1, rect, fb),
+    );
+    fx.vmm
+        .display()
+        .wait_update(0, WAIT)
+        .unwrap_or_else(|e| panic!("no UPDATE for the host blob: {e}"));
+    let (w, h, got) = fx
+        .vmm
+        .display()
+        .framebuffer(0)
+        .expect("a framebuffer for scanout 0");
+    assert_eq!((w, h), (64, 64));
+    assert!(
+        got == want,
+        "the display does not show what the guest wrote through the window"
+    );
+    no_violations(&fx);
+}
