@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// VHOST_USER_BACKEND_SHMEM_MAP.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub hostmem: Option<u64>,
+    /// What a seccomp violation in a child does: kill (default: the process dies of
+    /// SIGSYS), trap (it prints the offending system call and exits 159) or log (the call
+    /// is allowed and the kernel logs it: development only, to derive an allowlist).
+    #[arg(long, value_name = "MODE", value_parser = ["kill", "trap", "log"])]
+    pub seccomp: Option<String>,
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = crate::logger::parse_level)]
     pub log_level: LevelFilter,

@@ -49,6 +49,11 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         check_render_node(node)?;
     }
     let config = args.device_config()?;
+    if let Some(mode) = args.seccomp.as_deref().filter(|m| *m != "kill") {
+        log::warn!(
+            "--seccomp {mode}: violations do not kill the children; for debugging a policy only"
+        );
+    }
 
     let (listener, where_, _socket_file) = match (&args.socket_path, args.fd) {
         (Some(path), None) => {
@@ -79,6 +84,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         Role::Renderer,
         &[(&lane_re, LANE_FD), (&doorbell, DOORBELL_FD)],
         args.log_level,
+        args.seccomp.as_deref(),
     )
     .map_err(|e| e.to_string())?;
     let mut renderer_child = renderer.child;
@@ -90,6 +96,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
             (&doorbell, DOORBELL_FD),
         ],
         args.log_level,
+        args.seccomp.as_deref(),
     ) {
         Ok(f) => f,
         Err(e) => {

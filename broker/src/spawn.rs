@@ -82,6 +82,7 @@ pub fn spawn(
     role: Role,
     fds: &[(&OwnedFd, RawFd)],
     log_level: log::LevelFilter,
+    seccomp: Option<&str>,
 ) -> Result<Spawned, SpawnError> {
     let name = role.name();
     let io_err = |err| SpawnError::Io { role: name, err };
@@ -101,6 +102,7 @@ pub fn spawn(
     cmd.arg0("vgpu-sandbox")
         .args([ROLE_FLAG, name, BOOTSTRAP_FLAG, &server_name])
         .env(LOG_ENV, log_level.to_string())
+        .envs(seccomp.map(|mode| (policy::SECCOMP_ENV, mode)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -28,7 +28,7 @@ pub use protocol::bootstrap::Role;
 pub use seccomp::{allowed_syscalls, filter_for, install_seccomp};
 pub use trap::TRAP_EXIT_CODE;
 
-/// The environment variable that selects the [`ViolationAction`] (`kill` or `trap`).
+/// The environment variable that selects the [`ViolationAction`] (`kill`, `trap` or `log`).
 pub const SECCOMP_ENV: &str = "VGPU_SANDBOX_SECCOMP";
 
 /// What the kernel does when a jailed process makes a syscall outside its allowlist.
@@ -43,6 +43,10 @@ pub enum ViolationAction {
     /// [`TRAP_EXIT_CODE`]. For debugging a policy; the handler cannot be replaced afterwards
     /// because `rt_sigaction` is not allowed.
     Trap,
+    /// `SECCOMP_RET_LOG`: the call is allowed and the kernel logs it (audit / kernel log).
+    /// Development only, to derive an allowlist from a real workload; the process is not
+    /// confined in this mode.
+    Log,
 }
 
 impl ViolationAction {
@@ -52,13 +56,14 @@ impl ViolationAction {
         match value {
             None | Some("kill") => Ok(ViolationAction::Kill),
             Some("trap") => Ok(ViolationAction::Trap),
+            Some("log") => Ok(ViolationAction::Log),
             Some(other) => Err(PolicyError::BadViolationAction(other.to_string())),
         }
     }
 }
 
 /// Reads [`ViolationAction`] from the `VGPU_SANDBOX_SECCOMP` environment variable
-/// (`kill` or `trap`; unset means `kill`). Any other value, including one that is not
+/// (`kill`, `trap` or `log`; unset means `kill`). Any other value, including one that is not
 /// valid UTF-8, is an error that names it.
 pub fn violation_action_from_env() -> Result<ViolationAction, PolicyError> {
     match std::env::var_os(SECCOMP_ENV) {

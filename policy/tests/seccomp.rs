@@ -305,3 +305,19 @@ fn clone3_fails_with_enosys_and_threads_still_start() {
         assert_success(&run_child(&format!("clone3:{role}")));
     }
 }
+
+/// `log` (development mode) lets a forbidden call through instead of killing: the child
+/// survives its openat, which `kill` would have ended with SIGSYS.
+#[test]
+fn log_mode_lets_forbidden_calls_through() {
+    for role in ROLES {
+        let out = forbidden(role, "log", "openat");
+        assert_eq!(
+            out.status.code(),
+            Some(SURVIVED),
+            "{role} under the log filter: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

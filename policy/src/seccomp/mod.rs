@@ -87,6 +87,7 @@ fn build(role: Role, action: ViolationAction, pid: u32) -> Result<BpfProgram, Po
     let mismatch = match action {
         ViolationAction::Kill => SeccompAction::KillProcess,
         ViolationAction::Trap => SeccompAction::Trap,
+        ViolationAction::Log => SeccompAction::Log,
     };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(err)?;
