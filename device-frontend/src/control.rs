@@ -239,6 +239,9 @@ impl Control {
     pub fn kick(&mut self, queue: u16, vring: VringRwLock) -> Result<(), FrontendError> {
         if let Some(slot) = self.vrings.get_mut(queue as usize) {
             *slot = Some(vring);
+            // A kick means the ring runs (again): a stop that gave up waiting for its
+            // in-flight commands must not release the restarted ring later.
+            self.stopping[queue as usize] = None;
             self.drain_queue(queue as usize)?;
         }
         Ok(())
