@@ -20,7 +20,6 @@ use crate::blob_map::{self, Action, Event, Export, MapError, MapState};
 use crate::control::{After, Control, CONTROL_QUEUE};
 use crate::error::FrontendError;
 use crate::execute::Outcome;
-use crate::scanout::ScanoutBuffer;
 use crate::vmm_requests::{VmmAck, VmmRequest, VmmRequests};
 
 /// Window offsets and lengths are in whole pages.
@@ -362,22 +361,18 @@ impl Control {
         let reuse = s.resource_id == resource_id && s.blob == Some(layout) && s.buffer.is_some();
         if !reuse {
             // width <= max_dimension: the packed row fits a u32.
-            let buffer = match ScanoutBuffer::new(fb.width * 4, fb.height) {
-                Ok(b) => b,
-                Err(e) => {
-                    crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
-                    return Ok(Err(ErrorCode::OutOfMemory));
-                }
-            };
-            let fds = self.link.send_fds(&[buffer.fd()])?;
+            let (fds, size) =
+                match self.install_scanout_buffer(scanout_id, fb.width * 4, fb.height)? {
+                    Ok(installed) => installed,
+                    Err(code) => return Ok(Err(code)),
+                };
             let op = RendererOp::SetScanoutBlobBuffer {
                 scanout_id,
                 resource_id,
                 layout,
-                size: buffer.len() as u64,
+                size,
                 fds,
             };
-            self.scanouts[scanout_id as usize].buffer = Some(buffer);
             self.request(op, None, After::Nothing)?;
         }
         let s = &mut self.scanouts[scanout_id as usize];

@@ -256,22 +256,18 @@ impl Control {
             && s.blob.is_none()
             && s.buffer.as_ref().is_some_and(|b| b.stride() == stride);
         if !reuse {
-            let buffer = match ScanoutBuffer::new(stride, resource.height) {
-                Ok(b) => b,
-                Err(e) => {
-                    crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
-                    return Ok(Err(ErrorCode::OutOfMemory));
-                }
-            };
-            let fds = self.link.send_fds(&[buffer.fd()])?;
+            let (fds, size) =
+                match self.install_scanout_buffer(scanout_id, stride, resource.height)? {
+                    Ok(installed) => installed,
+                    Err(code) => return Ok(Err(code)),
+                };
             let op = RendererOp::SetScanoutBuffer {
                 scanout_id,
                 resource_id,
-                size: buffer.len() as u64,
+                size,
                 stride,
                 fds,
             };
-            self.scanouts[scanout_id as usize].buffer = Some(buffer);
             self.request(op, None, After::Nothing)?;
         }
         let s = &mut self.scanouts[scanout_id as usize];
@@ -360,6 +356,27 @@ impl Control {
             },
         )?;
         Ok(Ok(None))
+    }
+
+    /// Allocates a sealed scanout buffer of `stride * height` bytes, installs it on the
+    /// scanout and puts its fd on the lane; Err(OutOfMemory) when the host cannot.
+    pub(crate) fn install_scanout_buffer(
+        &mut self,
+        scanout_id: u32,
+        stride: u32,
+        height: u32,
+    ) -> Result<Result<(protocol::lane::FdTicket, u64), ErrorCode>, FrontendError> {
+        let buffer = match ScanoutBuffer::new(stride, height) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
+                return Ok(Err(ErrorCode::OutOfMemory));
+            }
+        };
+        let fds = self.link.send_fds(&[buffer.fd()])?;
+        let size = buffer.len() as u64;
+        self.scanouts[scanout_id as usize].buffer = Some(buffer);
+        Ok(Ok((fds, size)))
     }
 
     /// Acts on a successful renderer reply: Ok(Some) is the guest's response when the
