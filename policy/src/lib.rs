@@ -92,8 +92,12 @@ mod tests {
             ViolationAction::parse(Some("trap")).unwrap(),
             ViolationAction::Trap
         );
-        let err = ViolationAction::parse(Some("log")).unwrap_err();
-        assert!(err.to_string().contains("\"log\""), "{err}");
+        assert_eq!(
+            ViolationAction::parse(Some("log")).unwrap(),
+            ViolationAction::Log
+        );
+        let err = ViolationAction::parse(Some("warn")).unwrap_err();
+        assert!(err.to_string().contains("\"warn\""), "{err}");
         assert!(ViolationAction::parse(Some("KILL")).is_err());
         assert!(ViolationAction::parse(Some("")).is_err());
     }

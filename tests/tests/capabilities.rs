@@ -1,0 +1,53 @@
+//! The children hold no capability at all, whatever user started the broker (root on this
+//! machine kind): every set in /proc/PID/status is empty, the bounding set included, so
+//! not even an exec (which seccomp forbids anyway) could bring one back.
+
+use std::time::Duration;
+
+use vgpu_tests::{Role, Stack};
+
+fn cap_sets(pid: i32) -> Vec<(String, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            Some((
+                name.to_string(),
+                u64::from_str_radix(value.trim(), 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn children_hold_no_capabilities() {
+    let mut stack = Stack::start(&[]).unwrap_or_else(|e| panic!("starting: {e}"));
+    // Ready means both children are hardened and jailed.
+    stack
+        .wait_for_log("capabilities dropped", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no child reported its capabilities dropped: {e}"));
+    let children: Vec<_> = stack
+        .processes()
+        .into_iter()
+        .filter(|p| p.role != Role::Broker)
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+    for child in children {
+        let sets = cap_sets(child.pid);
+        for name in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            let value = sets
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("{name} missing for {:?}", child.role));
+            assert_eq!(
+                value, 0,
+                "{:?} (pid {}) {name} = {value:#x}",
+                child.role, child.pid
+            );
+        }
+    }
+}
