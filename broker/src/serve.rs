@@ -109,9 +109,11 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let mut frontend_m = Managed::new(Role::Frontend.name(), frontend.child);
     let mut renderer_m = Managed::new(Role::Renderer.name(), renderer_child);
     log::info!(
-        "started device-frontend (pid {}) and renderer-worker (pid {})",
+        "started device-frontend (pid {}, {}) and renderer-worker (pid {}, {})",
         frontend_m.child.id(),
-        renderer_m.child.id()
+        spawn::namespaces_of(frontend_m.child.id()),
+        renderer_m.child.id(),
+        spawn::namespaces_of(renderer_m.child.id())
     );
 
     let wired = wire(config, frontend.hello.bootstrap, renderer.hello.bootstrap);

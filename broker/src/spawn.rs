@@ -107,8 +107,8 @@ pub fn spawn(
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // system calls (dup2, prctl, getppid, sigprocmask, close_range, _exit); it allocates
-    // nothing and touches no locks.
+    // system calls (dup2, prctl, getppid, sigprocmask, close_range, unshare, _exit); it
+    // allocates nothing and touches no locks.
     unsafe {
         cmd.pre_exec(move || {
             for &(src, dst) in moves.iter().filter(|(src, _)| *src >= 0) {
@@ -135,6 +135,11 @@ pub fn spawn(
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
+            // Own network and System V IPC namespaces: no interface but a down loopback,
+            // no shared IPC objects. Unix sockets by path (the bootstrap server) still
+            // work. Where the host does not allow it the child keeps the broker's, and
+            // the broker logs which it got (`namespaces_of`).
+            libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC);
             Ok(())
         });
     }
@@ -193,6 +198,25 @@ pub fn spawn(
         });
     }
     Ok(Spawned { child, hello })
+}
+
+/// Which of the broker's namespaces `pid` left, for the log: e.g. "own net, own ipc" or
+/// "shares the broker's net and ipc (the host refused new namespaces)".
+pub fn namespaces_of(pid: u32) -> String {
+    let differs = |ns: &str| {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}"));
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
+        matches!((mine, theirs), (Ok(a), Ok(b)) if a != b)
+    };
+    let own: Vec<&str> = ["net", "ipc"]
+        .into_iter()
+        .filter(|ns| differs(ns))
+        .collect();
+    if own.is_empty() {
+        "shares the broker's net and ipc namespaces (the host refused new ones)".into()
+    } else {
+        format!("own {} namespace(s)", own.join(" and "))
+    }
 }
 
 /// SIGKILL and wait; used on start-up failures where nothing is worth waiting for.

@@ -300,7 +300,10 @@ fn renderer_holds_neither_the_listener_nor_the_vmm_connection() {
     draw_one_frame(&mut vmm, 1, 21);
 
     let socket_path = stack.socket_path().to_string_lossy().into_owned();
-    let table = unix_sockets(renderer.pid);
+    // The VMM's sockets live in the broker's network namespace (the renderer has its own,
+    // whose table lists only its own sockets): look at both.
+    let mut table = unix_sockets(stack.pid());
+    table.extend(unix_sockets(renderer.pid));
     // Sockets bound to (listening on) or accepted from the VMM's path, plus fd 4.
     let vmm_side: Vec<u64> = table
         .iter()

@@ -1,4 +1,4 @@
-//! The children hold no capability at all, whatever user started the broker (root on this
+//! Process isolation beyond seccomp. The children hold no capability at all, whatever user started the broker (root on this
 //! machine kind): every set in /proc/PID/status is empty, the bounding set included, so
 //! not even an exec (which seccomp forbids anyway) could bring one back.
 
@@ -50,4 +50,31 @@ fn children_hold_no_capabilities() {
             );
         }
     }
+}
+
+/// Each child has its own network and IPC namespaces (this machine kind allows them; the
+/// broker logs when a host does not).
+#[test]
+fn children_have_their_own_net_and_ipc_namespaces() {
+    let mut stack = Stack::start(&[]).unwrap_or_else(|e| panic!("starting: {e}"));
+    let procs = stack.processes();
+    let broker = procs
+        .iter()
+        .find(|p| p.role == Role::Broker)
+        .expect("the broker");
+    let ns = |pid: i32, kind: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+    };
+    for child in procs.iter().filter(|p| p.role != Role::Broker) {
+        for kind in ["net", "ipc"] {
+            assert_ne!(
+                ns(child.pid, kind),
+                ns(broker.pid, kind),
+                "{:?} shares the broker's {kind} namespace",
+                child.role
+            );
+        }
+    }
+    assert!(stack.log_text().contains("own net and ipc namespace(s)"));
 }
