@@ -66,6 +66,9 @@ pub struct ServeArgs {
 pub enum Sub {
     /// Run the whole stack against the built-in test VMM and report what happened.
     Demo(DemoArgs),
+    /// Check what this host supports of what the sandbox uses, one line each; exit 1 if
+    /// something vgpu-sandbox cannot run without is missing.
+    CheckHost,
 }
 
 /// Options of `demo`.

@@ -3,6 +3,7 @@
 //! device-frontend, wires their channels and supervises them. With `--internal-role` it is
 //! one of those children.
 
+mod check_host;
 mod child;
 mod cli;
 mod logger;
@@ -50,6 +51,9 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
     if cli.serve.print_capabilities {
         println!("{}", cli::capabilities_json());
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(cli::Sub::CheckHost) = cli.command {
+        return Ok(check_host::run());
     }
     if let Some(cli::Sub::Demo(args)) = cli.command {
         logger::init("broker", cli.serve.log_level);

@@ -497,3 +497,44 @@ fn sigterm_removes_the_socket_file() {
     let left = stack.wait_all_gone(GONE_BOUND);
     assert!(left.is_empty(), "processes left: {left:?}");
 }
+
+#[test]
+fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
+    let mut cmd = bin();
+    cmd.arg("check-host");
+    let o = run_bounded(cmd, RUN_BOUND);
+    let d = o.describe();
+    assert_eq!(o.status.code(), Some(0), "{d}");
+    assert!(o.left.is_empty(), "processes left: {:#?}\n{d}", o.left);
+    assert!(o.stderr.is_empty(), "stderr: {d}");
+    let state_of = |name: &str| -> &str {
+        let prefix = format!("{name}: ");
+        let line = o
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {name} line: {d}"));
+        line[prefix.len()..].split(':').next().unwrap_or("")
+    };
+    // What vgpu-sandbox cannot run without, and which this machine has (the other tests
+    // run the jailed children here).
+    assert_eq!(state_of("seccomp-filter"), "ok", "{d}");
+    assert_eq!(state_of("memfd-sealing"), "ok", "{d}");
+    for name in [
+        "seccomp-kill-process",
+        "seccomp-log",
+        "no-new-privs",
+        "net-ipc-namespaces",
+        "user-namespaces",
+        "close-range",
+        "pidfd-open",
+        "qemu",
+        "render-nodes",
+    ] {
+        assert!(
+            ["ok", "missing", "unknown"].contains(&state_of(name)),
+            "{name}: {d}"
+        );
+    }
+    assert_eq!(o.stdout.lines().count(), 11, "one line per probe: {d}");
+}
