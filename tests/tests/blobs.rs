@@ -203,6 +203,21 @@ fn unmaps_received(fx: &Fx) -> usize {
 /// within [`QUIET`]. The sentinel is consumed; its completion shows up later in
 /// `completions()` once the queue moves again.
 #[track_caller]
+/// Waits (bounded) until the VMM side holds an unmap's ack; `why` says what should have
+/// sent the SHMEM_UNMAP.
+fn wait_unmap_held(fx: &Fx, why: &str) {
+    let held = fx.reqs.wait_for(WAIT, |e| {
+        matches!(
+            e,
+            BackendEvent::Held {
+                kind: RequestKind::Unmap,
+                ..
+            }
+        )
+    });
+    assert!(held.is_some(), "{why}:\n{}", fx.reqs.summary());
+}
+
 fn assert_control_queue_blocked(fx: &mut Fx, why: &str) {
     let gpu = fx.vmm.gpu();
     let sentinel = gpu
@@ -295,19 +310,7 @@ fn unmap_reentered_while_in_flight_unmaps_once_and_answers_both() {
     let gpu = fx.vmm.gpu();
     let unmap = Command::ResourceUnmapBlob { resource_id: 1 };
     let first = gpu.submit(&unmap, None).expect("submit UNMAP_BLOB");
-    assert!(
-        fx.reqs
-            .wait_for(WAIT, |e| matches!(
-                e,
-                BackendEvent::Held {
-                    kind: RequestKind::Unmap,
-                    ..
-                }
-            ))
-            .is_some(),
-        "the first UNMAP_BLOB sent no SHMEM_UNMAP:\n{}",
-        fx.reqs.summary()
-    );
+    wait_unmap_held(&fx, "the first UNMAP_BLOB sent no SHMEM_UNMAP");
     let second = fx
         .vmm
         .gpu()
@@ -348,19 +351,7 @@ fn unref_of_a_mapped_blob_unmaps_it_first() {
         .gpu()
         .submit(&Command::ResourceUnref { resource_id: 1 }, None)
         .expect("submit UNREF");
-    assert!(
-        fx.reqs
-            .wait_for(WAIT, |e| matches!(
-                e,
-                BackendEvent::Held {
-                    kind: RequestKind::Unmap,
-                    ..
-                }
-            ))
-            .is_some(),
-        "UNREF of a mapped blob sent no SHMEM_UNMAP:\n{}",
-        fx.reqs.summary()
-    );
+    wait_unmap_held(&fx, "UNREF of a mapped blob sent no SHMEM_UNMAP");
     let req = fx
         .reqs
         .requests()
@@ -410,19 +401,7 @@ fn reset_with_an_unmap_in_flight_waits_for_the_ack() {
         .gpu()
         .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
         .expect("submit UNMAP_BLOB");
-    assert!(
-        fx.reqs
-            .wait_for(WAIT, |e| matches!(
-                e,
-                BackendEvent::Held {
-                    kind: RequestKind::Unmap,
-                    ..
-                }
-            ))
-            .is_some(),
-        "{}",
-        fx.reqs.summary()
-    );
+    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
 
     // RESET_DEVICE itself is answered at once: a VMM such as QEMU services the backend
     // channel on the thread that waits for this reply, so holding the reply until the
@@ -482,19 +461,7 @@ fn command_behind_a_suspended_unmap_runs_after_it() {
     let unmap = gpu
         .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
         .expect("submit UNMAP_BLOB");
-    assert!(
-        fx.reqs
-            .wait_for(WAIT, |e| matches!(
-                e,
-                BackendEvent::Held {
-                    kind: RequestKind::Unmap,
-                    ..
-                }
-            ))
-            .is_some(),
-        "{}",
-        fx.reqs.summary()
-    );
+    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
     assert_control_queue_blocked(&mut fx, "UNMAP_BLOB suspended");
     gate.release();
     let gpu = fx.vmm.gpu();

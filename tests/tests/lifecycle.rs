@@ -96,51 +96,38 @@ fn vmm_disconnect_exits_zero_and_leaves_no_process() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[test]
-fn killed_renderer_makes_the_broker_fail_naming_it() {
+/// SIGKILLs the child of `role`: the broker must exit non-zero with a line naming it
+/// (`named`), and nothing may be left.
+fn killed_child_fails_the_broker(role: Role, named: &str) {
     let (mut stack, _vmm) = start(&[]);
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let child = stack
+        .child_with_role(&role)
+        .unwrap_or_else(|| panic!("no single {role:?} among {:#?}", stack.processes()));
     stack
-        .signal_process(&renderer, Signal::SIGKILL)
+        .signal_process(&child, Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
     let status = stack.wait_exit(EXIT).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         !status.success(),
-        "broker exited successfully although its renderer was killed\n{}",
+        "broker exited successfully although its {role:?} was killed\n{}",
         stack.log_text()
     );
-    let log = stack.log_lines();
     assert!(
-        log.iter().any(|l| l.contains("renderer")),
-        "no output line names the renderer:\n{}",
+        stack.log_lines().iter().any(|l| l.contains(named)),
+        "no output line names the {named}:\n{}",
         stack.log_text()
     );
     assert_nothing_left(&mut stack);
 }
 
 #[test]
+fn killed_renderer_makes_the_broker_fail_naming_it() {
+    killed_child_fails_the_broker(Role::RendererWorker, "renderer");
+}
+
+#[test]
 fn killed_device_frontend_makes_the_broker_fail() {
-    let (mut stack, _vmm) = start(&[]);
-    let frontend = stack
-        .child_with_role(&Role::DeviceFrontend)
-        .unwrap_or_else(|| panic!("no single device-frontend among {:#?}", stack.processes()));
-    stack
-        .signal_process(&frontend, Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let status = stack.wait_exit(EXIT).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !status.success(),
-        "broker exited 0 although its device-frontend was killed\n{}",
-        stack.log_text()
-    );
-    assert!(
-        stack.log_lines().iter().any(|l| l.contains("frontend")),
-        "no output line names the device-frontend:\n{}",
-        stack.log_text()
-    );
-    assert_nothing_left(&mut stack);
+    killed_child_fails_the_broker(Role::DeviceFrontend, "frontend");
 }
 
 // ---------------------------------------------------------------- broker killed, sandboxing
