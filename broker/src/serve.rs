@@ -133,11 +133,24 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     log::info!("ready: serving on {where_}");
     spawn_status_logger(fe_status, Role::Frontend);
     spawn_status_logger(re_status, Role::Renderer);
+    // Set-up is over (children started and wired, every thread running): from here the
+    // broker only supervises, and its own filter says so.
+    if let Err(e) = jail_broker(args.seccomp.as_deref()) {
+        supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
+        return Err(e);
+    }
 
     Ok(supervise::supervise(&sfd, &mut frontend_m, &mut renderer_m))
 }
 
 type StatusRx = IpcReceiver<ChildStatus>;
+
+/// The broker's own seccomp filter (role "broker"), with the children's violation action.
+fn jail_broker(mode: Option<&str>) -> Result<(), String> {
+    let action = policy::ViolationAction::parse(mode).map_err(|e| e.to_string())?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())
+}
 
 fn wire(
     config: protocol::config::DeviceConfig,

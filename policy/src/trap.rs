@@ -31,6 +31,7 @@ pub(crate) fn install_sigsys_handler(role: Role) -> Result<(), PolicyError> {
     let code = match role {
         Role::Frontend => 1,
         Role::Renderer => 2,
+        Role::Broker => 3,
     };
     ROLE.store(code, Ordering::SeqCst);
     let action = SigAction::new(
@@ -52,6 +53,7 @@ extern "C" fn on_sigsys(
     let role = match ROLE.load(Ordering::Relaxed) {
         1 => Role::Frontend.name(),
         2 => Role::Renderer.name(),
+        3 => Role::Broker.name(),
         _ => "vgpu-sandbox",
     };
     let nr = if info.is_null() {

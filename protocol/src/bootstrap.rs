@@ -31,6 +31,8 @@ pub enum Role {
     Frontend,
     /// The renderer owner.
     Renderer,
+    /// The broker itself (it jails itself too, once its children run). Never a child role.
+    Broker,
 }
 
 impl Role {
@@ -39,10 +41,11 @@ impl Role {
         match self {
             Role::Frontend => "device-frontend",
             Role::Renderer => "renderer-worker",
+            Role::Broker => "broker",
         }
     }
 
-    /// Parses [`Role::name`].
+    /// Parses the name of a child role (never [`Role::Broker`]: it is not started by role).
     pub fn from_name(name: &str) -> Option<Role> {
         match name {
             "device-frontend" => Some(Role::Frontend),

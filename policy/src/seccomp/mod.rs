@@ -4,6 +4,7 @@
 //! [`common::ERRNO_SYSCALLS`] fail with an errno (clone3 → `ENOSYS`), followed by
 //! seccompiler's allowlist program whose default action is the [`ViolationAction`].
 
+mod broker;
 mod common;
 mod frontend;
 pub(crate) mod permit;
@@ -21,6 +22,7 @@ pub(crate) fn permits(role: Role, pid: u32) -> Vec<Permit> {
     match role {
         Role::Frontend => frontend::permits(pid),
         Role::Renderer => renderer::permits(pid),
+        Role::Broker => broker::permits(pid),
     }
 }
 
