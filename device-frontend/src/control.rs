@@ -159,6 +159,26 @@ pub struct Control {
     pub(crate) stats: Stats,
     /// Blobs, contexts, the host-visible window and the VMM request thread.
     pub(crate) blobs: crate::blobs::Blobs,
+    /// Test only: the forbidden call to ask the renderer for on the first guest command.
+    #[cfg(feature = "test-hooks")]
+    test_forbidden: Option<protocol::ipc::ForbiddenSyscall>,
+}
+
+/// Test only: reads [`protocol::ipc::TEST_FORBIDDEN_ENV`] (`open`, `socket`, `exec`).
+#[cfg(feature = "test-hooks")]
+fn test_forbidden_from_env() -> Option<protocol::ipc::ForbiddenSyscall> {
+    use protocol::ipc::{ForbiddenSyscall, TEST_FORBIDDEN_ENV};
+    let value = std::env::var(TEST_FORBIDDEN_ENV).ok()?;
+    let which = ForbiddenSyscall::from_env_value(&value);
+    match which {
+        Some(which) => log::warn!(
+            "test hook: the renderer will be asked to make {which:?} on the first guest command"
+        ),
+        None => log::error!(
+            "test hook: {TEST_FORBIDDEN_ENV}={value:?} is not open, socket or exec; ignored"
+        ),
+    }
+    which
 }
 
 /// Counters for the log at shutdown.
@@ -195,6 +215,8 @@ impl Control {
             event_idx,
             stats: Stats::default(),
             blobs: crate::blobs::Blobs::default(),
+            #[cfg(feature = "test-hooks")]
+            test_forbidden: test_forbidden_from_env(),
         }
     }
 
@@ -422,6 +444,15 @@ impl Control {
     }
 
     fn handle_chain(&mut self, q: usize, chain: Chain) -> Result<(), FrontendError> {
+        #[cfg(feature = "test-hooks")]
+        if let Some(which) = self.test_forbidden.take() {
+            // Charged to no guest command: the renderer is not expected to answer.
+            self.request(
+                RendererOp::TestForbiddenSyscall { which },
+                None,
+                After::Nothing,
+            )?;
+        }
         let id = self.next_entry_id;
         self.next_entry_id += 1;
         let bytes = read_request(&chain, self.max_request_bytes());

@@ -258,6 +258,45 @@ pub enum RendererOp {
         /// Version asked for.
         version: u32,
     },
+    /// Test only (cargo feature `test-hooks`, never in a default build): the renderer
+    /// really makes the forbidden system call `which`, so that a test can watch its
+    /// seccomp filter kill it and the broker report that.
+    #[cfg(feature = "test-hooks")]
+    TestForbiddenSyscall {
+        /// The call to make.
+        which: ForbiddenSyscall,
+    },
+}
+
+/// Environment variable (read by the device-frontend at start-up, only in a build with the
+/// `test-hooks` feature): `open`, `socket` or `exec` makes the frontend send
+/// [`RendererOp::TestForbiddenSyscall`] when the first guest command arrives.
+#[cfg(feature = "test-hooks")]
+pub const TEST_FORBIDDEN_ENV: &str = "VGPU_SANDBOX_TEST_FORBIDDEN";
+
+/// A system call that no renderer filter allows (test-only, feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForbiddenSyscall {
+    /// `open("/etc/hostname", O_RDONLY)` (glibc makes it an `openat`).
+    OpenFile,
+    /// `socket(AF_INET, SOCK_STREAM, 0)`.
+    CreateSocket,
+    /// `execve("/bin/true")`.
+    Exec,
+}
+
+#[cfg(feature = "test-hooks")]
+impl ForbiddenSyscall {
+    /// Parses the value of [`TEST_FORBIDDEN_ENV`]: `open`, `socket` or `exec`.
+    pub fn from_env_value(value: &str) -> Option<Self> {
+        match value {
+            "open" => Some(ForbiddenSyscall::OpenFile),
+            "socket" => Some(ForbiddenSyscall::CreateSocket),
+            "exec" => Some(ForbiddenSyscall::Exec),
+            _ => None,
+        }
+    }
 }
 
 /// What a successful reply carries.
@@ -332,4 +371,54 @@ pub enum RendererEvent {
     /// A fence has been signalled; every fence of the same ring with a lower or equal id
     /// is complete too.
     FenceSignaled(FenceInfo),
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::de::IntoDeserializer;
+    use serde::Deserialize;
+
+    use super::RendererOp;
+
+    /// What deserializing the variant name `TestForbiddenSyscall` (without its fields)
+    /// says: "unknown variant" when the enum has no such variant.
+    fn test_op_by_name() -> String {
+        let name: StrDeserializer<'_, Error> = "TestForbiddenSyscall".into_deserializer();
+        match RendererOp::deserialize(name) {
+            Ok(op) => panic!("a bare name deserialized into {op:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A default build has no test-only request: the renderer cannot be asked, by any
+    /// message, to make a forbidden call.
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn default_build_has_no_test_only_request() {
+        let why = test_op_by_name();
+        assert!(why.starts_with("unknown variant"), "{why}");
+    }
+
+    /// With `test-hooks` the request exists (and wants its fields).
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn test_hooks_build_has_the_test_only_request() {
+        let why = test_op_by_name();
+        assert!(!why.starts_with("unknown variant"), "{why}");
+        use super::ForbiddenSyscall;
+        assert_eq!(
+            ForbiddenSyscall::from_env_value("open"),
+            Some(ForbiddenSyscall::OpenFile)
+        );
+        assert_eq!(
+            ForbiddenSyscall::from_env_value("socket"),
+            Some(ForbiddenSyscall::CreateSocket)
+        );
+        assert_eq!(
+            ForbiddenSyscall::from_env_value("exec"),
+            Some(ForbiddenSyscall::Exec)
+        );
+        assert_eq!(ForbiddenSyscall::from_env_value("openat"), None);
+    }
 }

@@ -93,7 +93,60 @@ fn describe(op: &RendererOp) -> &'static str {
         RendererOp::Finalize { .. } => "Finalize",
         RendererOp::GetCapsetInfo { .. } => "GetCapsetInfo",
         RendererOp::GetCapset { .. } => "GetCapset",
+        #[cfg(feature = "test-hooks")]
+        RendererOp::TestForbiddenSyscall { .. } => "TestForbiddenSyscall",
     }
+}
+
+/// Test only (feature `test-hooks`): really makes `which`, a call that no renderer filter
+/// allows. Under the filter it does not come back (kill: the kernel kills the process with
+/// SIGSYS; trap: the handler names the call and exits 159). If it does come back the
+/// filter let it through (`--seccomp log`, or no filter): that is the error returned.
+/// An allowed `execve` replaces the renderer with `/bin/true`.
+#[cfg(feature = "test-hooks")]
+fn forbidden_syscall(which: protocol::ipc::ForbiddenSyscall) -> RenderError {
+    use protocol::ipc::ForbiddenSyscall;
+    use std::os::fd::FromRawFd;
+
+    log::warn!("test hook: making the forbidden system call {which:?}");
+    let (what, ret) = match which {
+        ForbiddenSyscall::OpenFile => (
+            "open(\"/etc/hostname\")",
+            // SAFETY: a NUL-terminated path literal and plain flags; a descriptor it returns
+            // is owned (and closed) below.
+            unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+        ),
+        ForbiddenSyscall::CreateSocket => (
+            "socket(AF_INET, SOCK_STREAM)",
+            // SAFETY: integer arguments only; a descriptor it returns is owned below.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) },
+        ),
+        ForbiddenSyscall::Exec => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+            (
+                "execve(\"/bin/true\")",
+                // SAFETY: a NUL-terminated path and NULL-terminated argv and envp arrays that
+                // outlive the call; if it succeeds this process image is gone, so no Rust
+                // state is left to be misused.
+                unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) },
+            )
+        }
+    };
+    let os_error = std::io::Error::last_os_error();
+    if ret >= 0 && !matches!(which, ForbiddenSyscall::Exec) {
+        // SAFETY: `ret` is the descriptor the call above just created; nothing else owns it.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret) });
+    }
+    let outcome = if ret >= 0 {
+        "succeeded".to_string()
+    } else {
+        format!("failed ({os_error})")
+    };
+    RenderError::Unspec(format!(
+        "test hook: {what} came back ({outcome}): the seccomp filter let it through"
+    ))
 }
 
 impl<R: Renderer> Executor<R> {
@@ -464,6 +517,8 @@ impl<R: Renderer> Executor<R> {
             RendererOp::GetCapset { capset_id, version } => {
                 return Ok(ReplyBody::Capset(self.renderer.capset(capset_id, version)?));
             }
+            #[cfg(feature = "test-hooks")]
+            RendererOp::TestForbiddenSyscall { which } => return Err(forbidden_syscall(which)),
             RendererOp::Reset => {
                 // Scanouts first: nothing may read a resource while it goes away.
                 self.scanouts.clear();
