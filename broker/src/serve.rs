@@ -149,6 +149,11 @@ type StatusRx = IpcReceiver<ChildStatus>;
 fn jail_broker(mode: Option<&str>) -> Result<(), String> {
     let action = policy::ViolationAction::parse(mode).map_err(|e| e.to_string())?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    // The children's namespaces were the last thing that needed a capability; signalling
+    // them (same user) and removing the socket file (in a directory this user may write)
+    // need none.
+    let caps = policy::drop_capabilities().map_err(|e| e.to_string())?;
+    log::info!("broker: {caps}");
     policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())
 }
 

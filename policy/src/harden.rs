@@ -61,10 +61,11 @@ pub fn harden_process() -> Result<(), PolicyError> {
 
 /// Empties every capability set this process could use or regain: the bounding set (so no
 /// exec could bring one back), the ambient set, and the effective, permitted and
-/// inheritable sets. The children run as whatever user started the broker, often root on
+/// inheritable sets. The processes run as whatever user started the broker, often root on
 /// a VMM host; after this, root in them is an ordinary user for the kernel's permission
-/// checks. Returns a description for the log.
-fn drop_capabilities() -> Result<String, PolicyError> {
+/// checks. Part of [`harden_process`]; the broker calls it alone once its children run.
+/// Returns a description for the log.
+pub fn drop_capabilities() -> Result<String, PolicyError> {
     let capset_err = |what| {
         move |errno: nix::Error| PolicyError::Prctl {
             what,

@@ -23,7 +23,7 @@ mod trap;
 mod warm_up;
 
 pub use error::PolicyError;
-pub use harden::{harden_process, MAX_OPEN_FILES};
+pub use harden::{drop_capabilities, harden_process, MAX_OPEN_FILES};
 pub use protocol::bootstrap::Role;
 pub use seccomp::{allowed_syscalls, filter_for, install_seccomp};
 pub use trap::TRAP_EXIT_CODE;

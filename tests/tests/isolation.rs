@@ -78,3 +78,22 @@ fn children_have_their_own_net_and_ipc_namespaces() {
     }
     assert!(stack.log_text().contains("own net and ipc namespace(s)"));
 }
+
+/// Once its children run, the broker gives up its capabilities too (it only needed them
+/// to create the children's namespaces).
+#[test]
+fn broker_drops_its_capabilities_after_set_up() {
+    let stack = Stack::start(&[]).unwrap_or_else(|e| panic!("starting: {e}"));
+    stack
+        .wait_for_log("broker: seccomp filter installed", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the broker did not finish its set-up: {e}"));
+    let sets = cap_sets(stack.pid());
+    for name in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let value = sets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{name} missing for the broker"));
+        assert_eq!(value, 0, "broker {name} = {value:#x}");
+    }
+}
