@@ -50,8 +50,6 @@ pub struct DeviceConfig {
     pub limits: Limits,
     /// Whether each child installs its seccomp filter (always true outside debugging).
     pub seccomp: bool,
-    /// Serve further VMM connections after one disconnects instead of exiting.
-    pub keep_serving: bool,
     /// Size of the host-visible memory region (blobs mapped for the guest), in bytes; None
     /// leaves blobs, contexts and the region out (VIRTIO_GPU_F_RESOURCE_BLOB and
     /// VIRTIO_GPU_F_CONTEXT_INIT are not offered).
@@ -79,7 +77,6 @@ impl Default for DeviceConfig {
             edid: true,
             limits: Limits::default(),
             seccomp: true,
-            keep_serving: false,
             hostmem: None,
             num_capsets: 0,
             max_submit_bytes: 1 << 20,
