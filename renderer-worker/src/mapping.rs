@@ -39,16 +39,33 @@ impl SharedMapping {
     /// a file that shrinks later would make accesses fault, which is why scanout buffers
     /// must be sealed against shrinking.
     pub fn new(fd: impl AsFd, offset: u64, len: usize) -> Result<Self, RenderError> {
+        Self::with_alignment(fd, offset, len, page_size())
+    }
+
+    /// Like [`SharedMapping::new`], but the mapped file range starts and ends on a multiple
+    /// of `align` (a power of two, at least the page size; hugetlbfs files refuse anything
+    /// not aligned to their huge page size).
+    pub fn with_alignment(
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+        align: usize,
+    ) -> Result<Self, RenderError> {
         if len == 0 {
             return Err(RenderError::InvalidParameter("empty mapping".into()));
         }
-        let page = page_size();
-        let slack = (offset % page as u64) as usize;
+        let align = if align.is_power_of_two() {
+            align.max(page_size())
+        } else {
+            page_size()
+        };
+        let slack = (offset % align as u64) as usize;
         let aligned_offset = offset - slack as u64;
         let aligned_offset = libc::off_t::try_from(aligned_offset)
             .map_err(|_| RenderError::InvalidParameter(format!("offset {offset} too large")))?;
         let map_len = len
             .checked_add(slack)
+            .and_then(|l| l.checked_next_multiple_of(align))
             .and_then(NonZeroUsize::new)
             .ok_or_else(|| RenderError::InvalidParameter("mapping length overflows".into()))?;
         // SAFETY: we ask the kernel for a fresh mapping at an address of its choosing, so no
@@ -107,7 +124,7 @@ impl Drop for SharedMapping {
 }
 
 /// The page size, which mmap offsets must be a multiple of.
-fn page_size() -> usize {
+pub fn page_size() -> usize {
     // SAFETY: sysconf only reads a constant of the C library; it has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(page)

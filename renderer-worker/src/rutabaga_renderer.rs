@@ -937,7 +937,7 @@ mod tests {
 
     use super::*;
     use crate::guest_memory::GuestMemory;
-    use crate::test_util::memfd_with;
+    use crate::test_util::{mappings_of, memfd_with};
 
     const W: u32 = 8;
     const H: u32 = 6;
@@ -1195,18 +1195,14 @@ mod tests {
     fn detach_then_transfer_fails_and_releases_guest_memory() {
         let mut fx = fixture();
         with_resource(&mut fx, 1);
-        assert_eq!(
-            Arc::strong_count(&fx.memory),
-            2,
-            "backing keeps the mapping"
-        );
+        assert!(mappings_of(&fx.guest) > 0, "backing keeps the mapping");
         let b = backing(&fx.memory, 16);
         assert!(matches!(
             fx.renderer.attach_backing(1, b),
             Err(RenderError::Unspec(_))
         ));
         fx.renderer.detach_backing(1).unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
         assert_eq!(
             fx.renderer.transfer_to_host_2d(1, rect(0, 0, 1, 1), 0),
             Err(RenderError::InvalidResource(1))
@@ -1221,7 +1217,7 @@ mod tests {
             .transfer_to_host_2d(1, rect(0, 0, 7, 1), 0)
             .unwrap();
         fx.renderer.unref(1).unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
     }
 
     #[test]
@@ -1237,7 +1233,7 @@ mod tests {
         fx.renderer.create_fence(fence).unwrap();
         assert_eq!(*fx.fences.lock().unwrap(), vec![fence]);
         fx.renderer.reset().unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
         assert_eq!(
             fx.renderer.transfer_to_host_2d(2, rect(0, 0, 1, 1), 0),
             Err(RenderError::InvalidResource(2))
@@ -1467,7 +1463,7 @@ mod tests {
             size: 200,
         };
         fx.renderer.create_blob(3, guest, Some(b)).unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 2);
+        assert!(mappings_of(&fx.guest) > 0);
         // Across the split between the backing's two entries (at byte 50).
         let mut out = [0u8; 30];
         fx.renderer.read_blob(3, 40, &mut out).unwrap();
@@ -1480,7 +1476,7 @@ mod tests {
         assert!(fx.renderer.read_blob(3, 199, &mut [0; 2]).is_err());
         assert!(fx.renderer.read_blob(3, u64::MAX, &mut [0; 2]).is_err());
         fx.renderer.unref(3).unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
     }
 
     #[test]
@@ -1578,7 +1574,7 @@ mod tests {
         // The context held raw pointers into the ring's guest memory: after unref, the
         // memory is released and the context must not write there any more.
         fx.renderer.unref(RING).unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
         let r = fx.renderer.submit_3d(CTX, 0, &mut cmd(2, &[4, 4, XR24, 0]));
         assert!(r.is_err(), "{r:?}");
         // Reset: contexts and blobs go, ids are free again.
@@ -1589,7 +1585,7 @@ mod tests {
             .unwrap();
         let exported = fx.renderer.export_blob(7).unwrap();
         fx.renderer.reset().unwrap();
-        assert_eq!(Arc::strong_count(&fx.memory), 1);
+        assert_eq!(mappings_of(&fx.guest), 0);
         assert!(fx.renderer.submit_3d(CTX, 0, &mut cmd(3, &[0, 0])).is_err());
         assert!(fx.renderer.export_blob(7).is_err());
         // The VMM's fd outlives the blob: its memory stays valid until the VMM lets go.
