@@ -162,6 +162,9 @@ pub struct Control {
     /// Test only: the forbidden call to ask the renderer for on the first guest command.
     #[cfg(feature = "test-hooks")]
     test_forbidden: Option<protocol::ipc::ForbiddenSyscall>,
+    /// Test only: the frontend itself tries to open the render node on the first command.
+    #[cfg(feature = "test-hooks")]
+    test_frontend_open: bool,
 }
 
 /// Test only: reads [`protocol::ipc::TEST_FORBIDDEN_ENV`] (`open`, `socket`, `exec`).
@@ -169,17 +172,26 @@ pub struct Control {
 fn test_forbidden_from_env() -> Option<protocol::ipc::ForbiddenSyscall> {
     use protocol::ipc::{ForbiddenSyscall, TEST_FORBIDDEN_ENV};
     let value = std::env::var(TEST_FORBIDDEN_ENV).ok()?;
+    if value == FRONTEND_OPEN_HOOK {
+        return None;
+    }
     let which = ForbiddenSyscall::from_env_value(&value);
     match which {
         Some(which) => log::warn!(
             "test hook: the renderer will be asked to make {which:?} on the first guest command"
         ),
         None => log::error!(
-            "test hook: {TEST_FORBIDDEN_ENV}={value:?} is not open, socket or exec; ignored"
+            "test hook: {TEST_FORBIDDEN_ENV}={value:?} is not open, socket, exec or \
+             {FRONTEND_OPEN_HOOK}; ignored"
         ),
     }
     which
 }
+
+/// Test only: the value of [`protocol::ipc::TEST_FORBIDDEN_ENV`] that makes the frontend
+/// itself open the render node, which its filter forbids.
+#[cfg(feature = "test-hooks")]
+const FRONTEND_OPEN_HOOK: &str = "frontend-open-render-node";
 
 /// Counters for the log at shutdown.
 #[derive(Debug, Default)]
@@ -217,6 +229,9 @@ impl Control {
             blobs: crate::blobs::Blobs::default(),
             #[cfg(feature = "test-hooks")]
             test_forbidden: test_forbidden_from_env(),
+            #[cfg(feature = "test-hooks")]
+            test_frontend_open: std::env::var(protocol::ipc::TEST_FORBIDDEN_ENV)
+                .is_ok_and(|v| v == FRONTEND_OPEN_HOOK),
         }
     }
 
@@ -444,6 +459,19 @@ impl Control {
     }
 
     fn handle_chain(&mut self, q: usize, chain: Chain) -> Result<(), FrontendError> {
+        #[cfg(feature = "test-hooks")]
+        if std::mem::take(&mut self.test_frontend_open) {
+            log::warn!("test hook: device-frontend opening the render node");
+            let path = c"/dev/dri/renderD128";
+            // SAFETY: FFI with a NUL-terminated path; the result is only closed.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+            // Only reached when the filter let the call through (--seccomp log).
+            log::error!("test hook: open of the render node returned {fd}; the filter allowed it");
+            if fd >= 0 {
+                // SAFETY: `fd` was just returned by open and is owned by nothing else.
+                unsafe { libc::close(fd) };
+            }
+        }
         #[cfg(feature = "test-hooks")]
         if let Some(which) = self.test_forbidden.take() {
             // Charged to no guest command: the renderer is not expected to answer.

@@ -75,6 +75,18 @@ fn build_test_hooks_binary() -> Result<PathBuf, String> {
 /// and submits one guest command (GET_DISPLAY_INFO). Returns the stack once the broker has
 /// exited, and the renderer-worker as it was before.
 fn run_with_hook(bin: &Path, which: &str, args: &[&str]) -> (Stack, vgpu_tests::ProcessInfo) {
+    let (stack, renderer, _) = run_with_hook_in(bin, which, args, &Role::RendererWorker);
+    (stack, renderer)
+}
+
+/// [`run_with_hook`] for the hook of `role` (its log line must show it reached the call);
+/// also returns the device-frontend as it was before.
+fn run_with_hook_in(
+    bin: &Path,
+    which: &str,
+    args: &[&str],
+    role: &Role,
+) -> (Stack, vgpu_tests::ProcessInfo, vgpu_tests::ProcessInfo) {
     let dir = tempfile::Builder::new()
         .prefix("vgpu-sandbox-test")
         .tempdir()
@@ -90,6 +102,9 @@ fn run_with_hook(bin: &Path, which: &str, args: &[&str]) -> (Stack, vgpu_tests::
     let renderer = stack
         .child_with_role(&Role::RendererWorker)
         .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let frontend = stack
+        .child_with_role(&Role::DeviceFrontend)
+        .unwrap_or_else(|| panic!("no single device-frontend among {:#?}", stack.processes()));
     let mut vmm = stack
         .connect()
         .unwrap_or_else(|e| panic!("test VMM set-up failed: {e}\n{}", stack.log_text()));
@@ -114,15 +129,40 @@ fn run_with_hook(bin: &Path, which: &str, args: &[&str]) -> (Stack, vgpu_tests::
         "processes still alive after the broker exited: {left:?}\n{}",
         stack.log_text()
     );
+    let (name, marker) = match role {
+        Role::DeviceFrontend => ("device-frontend", "test hook: device-frontend opening"),
+        _ => ("renderer-worker", "test hook: making"),
+    };
     assert!(
         stack
             .log_lines()
             .iter()
-            .any(|l| l.contains("renderer-worker") && l.contains("test hook: making")),
-        "the renderer never reached the forbidden call:\n{}",
+            .any(|l| l.contains(name) && l.contains(marker)),
+        "the {name} never reached the forbidden call:\n{}",
         stack.log_text()
     );
-    (stack, renderer)
+    (stack, renderer, frontend)
+}
+
+/// The device-frontend cannot open the render node (nor any file): trying kills it with
+/// SIGSYS, and the broker names it.
+#[test]
+fn frontend_opening_the_render_node_is_killed_with_sigsys() {
+    let (stack, _, frontend) = run_with_hook_in(
+        test_hooks_binary(),
+        "frontend-open-render-node",
+        &[],
+        &Role::DeviceFrontend,
+    );
+    let named = format!("device-frontend (pid {})", frontend.pid);
+    assert!(
+        stack.log_lines().iter().any(|l| l.contains(&named)
+            && l.contains(
+                "was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
+            )),
+        "no line reports {named} killed by SIGSYS:\n{}",
+        stack.log_text()
+    );
 }
 
 /// Default mode (kill): the broker's report names the renderer (its pid) and SIGSYS.
