@@ -148,11 +148,7 @@ impl Control {
                 if !self.blobs.contexts.contains(&ctx_id) {
                     return Ok(Err(ErrorCode::InvalidContextId));
                 }
-                let ring_idx = if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
-                    hdr.ring_idx
-                } else {
-                    0
-                };
+                let ring_idx = ring_of(hdr);
                 let fence = self.fence_of(hdr);
                 let op = RendererOp::Submit3d {
                     ctx_id,
@@ -258,15 +254,12 @@ impl Control {
         self.config.hostmem.is_some()
     }
 
-    fn fence_of(&self, hdr: &CtrlHeader) -> Option<protocol::ipc::FenceInfo> {
+    /// The fence a command asks for, if any (the one place a header becomes a fence).
+    pub(crate) fn fence_of(&self, hdr: &CtrlHeader) -> Option<protocol::ipc::FenceInfo> {
         hdr.is_fenced().then_some(protocol::ipc::FenceInfo {
             fence_id: hdr.fence_id,
             ctx_id: hdr.ctx_id,
-            ring_idx: if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
-                hdr.ring_idx
-            } else {
-                0
-            },
+            ring_idx: ring_of(hdr),
         })
     }
 
@@ -752,6 +745,15 @@ impl Control {
             self.finish_reset()?;
         }
         Ok(())
+    }
+}
+
+/// The header's ring index, which only counts with VIRTIO_GPU_FLAG_INFO_RING_IDX.
+fn ring_of(hdr: &CtrlHeader) -> u8 {
+    if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+        hdr.ring_idx
+    } else {
+        0
     }
 }
 

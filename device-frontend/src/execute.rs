@@ -20,11 +20,7 @@ pub(crate) type Outcome = Result<Result<Option<Response>, ErrorCode>, FrontendEr
 
 impl Control {
     pub(crate) fn execute(&mut self, req: Request) -> Outcome {
-        let fence = req.hdr.is_fenced().then_some(FenceInfo {
-            fence_id: req.hdr.fence_id,
-            ctx_id: req.hdr.ctx_id,
-            ring_idx: req.hdr.ring_idx,
-        });
+        let fence = self.fence_of(&req.hdr);
         match req.cmd {
             Command::GetDisplayInfo => Ok(Ok(Some(self.display_info()))),
             Command::GetEdid { scanout_id } => Ok(self.edid(scanout_id).map(Some)),
