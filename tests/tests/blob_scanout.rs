@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::{expect, image, ok, resource_with, still_works, WAIT};
+use common::{
+    assert_pixels, expect, image, ok, resource_with, still_works, wait_update_rect, WAIT,
+};
 use vgpu_tests::gpu::{format, resp, BlobFb, BlobParams, MemEntry, Rect};
 use vgpu_tests::{DisplayEvent, Stack, TestVmm, VmmOptions};
 
@@ -111,29 +113,6 @@ fn wait_scanout(vmm: &TestVmm, w: u32, h: u32) {
             matches!(e, DisplayEvent::Scanout { scanout_id: 0, width, height } if (*width, *height) == (w, h))
         })
         .unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn wait_update_rect(vmm: &TestVmm, r: Rect) {
-    vmm.display()
-        .wait_for(
-            &format!(
-                "VHOST_USER_GPU_UPDATE for scanout 0 with rect {},{} {}x{}",
-                r.x, r.y, r.width, r.height
-            ),
-            WAIT,
-            |e| {
-                matches!(e, DisplayEvent::Update { scanout_id: 0, x, y, width, height, .. }
-                    if (*x, *y, *width, *height) == (r.x, r.y, r.width, r.height))
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-#[track_caller]
-fn assert_pixels(got: &[u8], want: &[u8], width: u32, what: &str) {
-    if let Some(d) = vgpu_tests::scenario::first_difference(got, want, width) {
-        panic!("{what}: {d}");
-    }
 }
 
 #[track_caller]

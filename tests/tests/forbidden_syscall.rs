@@ -133,13 +133,14 @@ fn run_with_hook_in(
         Role::DeviceFrontend => ("device-frontend", "test hook: device-frontend opening"),
         _ => ("renderer-worker", "test hook: making"),
     };
+    // Waited for, not just looked up: the dying child's last line may still be on its way
+    // through the output reader when the broker has already exited.
+    let line = stack
+        .wait_for_log(marker, EXIT)
+        .unwrap_or_else(|e| panic!("the {name} never reached the forbidden call: {e}"));
     assert!(
-        stack
-            .log_lines()
-            .iter()
-            .any(|l| l.contains(name) && l.contains(marker)),
-        "the {name} never reached the forbidden call:\n{}",
-        stack.log_text()
+        line.contains(name),
+        "the hook line is not the {name}'s: {line}"
     );
     (stack, renderer, frontend)
 }
@@ -155,51 +156,46 @@ fn frontend_opening_the_render_node_is_killed_with_sigsys() {
         &Role::DeviceFrontend,
     );
     let named = format!("device-frontend (pid {})", frontend.pid);
-    assert!(
-        stack.log_lines().iter().any(|l| l.contains(&named)
-            && l.contains(
-                "was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
-            )),
-        "no line reports {named} killed by SIGSYS:\n{}",
-        stack.log_text()
+    let report = format!(
+        "{named} was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
     );
+    stack
+        .wait_for_log(&report, EXIT)
+        .unwrap_or_else(|e| panic!("no line reports {named} killed by SIGSYS: {e}"));
 }
 
 /// Default mode (kill): the broker's report names the renderer (its pid) and SIGSYS.
 fn killed_with_sigsys(which: &str) {
     let (stack, renderer) = run_with_hook(test_hooks_binary(), which, &[]);
     let named = format!("renderer-worker (pid {})", renderer.pid);
-    assert!(
-        stack.log_lines().iter().any(|l| l.contains(&named)
-            && l.contains(
-                "was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
-            )),
-        "no line reports {named} killed by SIGSYS:\n{}",
-        stack.log_text()
+    let report = format!(
+        "{named} was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
     );
+    stack
+        .wait_for_log(&report, EXIT)
+        .unwrap_or_else(|e| panic!("no line reports {named} killed by SIGSYS: {e}"));
 }
 
 /// `--seccomp trap`: the renderer's own line names the system call, and the broker reports
 /// the trap's exit status.
 fn trapped_naming(which: &str, syscall: &str) {
     let (stack, renderer) = run_with_hook(test_hooks_binary(), which, &["--seccomp", "trap"]);
-    let lines = stack.log_lines();
-    let trap_line = lines
-        .iter()
-        .find(|l| l.contains("renderer-worker: seccomp violation: syscall"))
-        .unwrap_or_else(|| panic!("no trap line from the renderer:\n{}", stack.log_text()));
+    let trap_line = stack
+        .wait_for_log("renderer-worker: seccomp violation: syscall", EXIT)
+        .unwrap_or_else(|e| panic!("no trap line from the renderer: {e}"));
     assert!(
         trap_line.ends_with(&format!("({syscall})")),
         "trap line does not name {syscall}: {trap_line}"
     );
     let named = format!("renderer-worker (pid {})", renderer.pid);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains(&named) && l.contains("exited with status 159 (seccomp violation")),
-        "no line reports {named} exiting after a seccomp violation:\n{}",
-        stack.log_text()
-    );
+    stack
+        .wait_for_log(
+            &format!("{named} exited with status 159 (seccomp violation"),
+            EXIT,
+        )
+        .unwrap_or_else(|e| {
+            panic!("no line reports {named} exiting after a seccomp violation: {e}")
+        });
 }
 
 #[test]

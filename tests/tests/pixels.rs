@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{image, ok, resource_with, start, WAIT};
+use common::{assert_pixels, image, ok, resource_with, start, wait_update_rect, WAIT};
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::DisplayEvent;
 
@@ -13,29 +13,6 @@ fn wait_scanout(vmm: &vgpu_tests::TestVmm, w: u32, h: u32) {
             matches!(e, DisplayEvent::Scanout { scanout_id: 0, width, height } if *width == w && *height == h)
         })
         .unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn wait_update_rect(vmm: &vgpu_tests::TestVmm, r: Rect) {
-    vmm.display()
-        .wait_for(
-            &format!(
-                "VHOST_USER_GPU_UPDATE for scanout 0 with rect {},{} {}x{}",
-                r.x, r.y, r.width, r.height
-            ),
-            WAIT,
-            |e| {
-                matches!(e, DisplayEvent::Update { scanout_id: 0, x, y, width, height, .. }
-                    if (*x, *y, *width, *height) == (r.x, r.y, r.width, r.height))
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-#[track_caller]
-fn assert_pixels(got: &[u8], want: &[u8], width: u32, what: &str) {
-    if let Some(d) = vgpu_tests::scenario::first_difference(got, want, width) {
-        panic!("{what}: {d}");
-    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use vgpu_tests::gpu::{format, resp, Backing, GpuError, Rect, Response};
-use vgpu_tests::{Stack, TestVmm};
+use vgpu_tests::{DisplayEvent, Stack, TestVmm};
 
 /// Bound on every display-socket wait.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -115,4 +115,29 @@ pub fn still_works(vmm: &mut TestVmm, after: &str) {
 pub fn no_violations(vmm: &TestVmm) {
     let v = vmm.display().violations();
     assert!(v.is_empty(), "display socket protocol violations: {v:#?}");
+}
+
+/// Waits (bounded) for an UPDATE of scanout 0 with exactly the rectangle `r`.
+pub fn wait_update_rect(vmm: &TestVmm, r: Rect) {
+    vmm.display()
+        .wait_for(
+            &format!(
+                "VHOST_USER_GPU_UPDATE for scanout 0 with rect {},{} {}x{}",
+                r.x, r.y, r.width, r.height
+            ),
+            WAIT,
+            |e| {
+                matches!(e, DisplayEvent::Update { scanout_id: 0, x, y, width, height, .. }
+                    if (*x, *y, *width, *height) == (r.x, r.y, r.width, r.height))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[track_caller]
+/// Asserts exact pixels, naming the first differing one.
+pub fn assert_pixels(got: &[u8], want: &[u8], width: u32, what: &str) {
+    if let Some(d) = vgpu_tests::scenario::first_difference(got, want, width) {
+        panic!("{what}: {d}");
+    }
 }
