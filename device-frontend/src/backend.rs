@@ -24,6 +24,7 @@ use protocol::virtio_gpu::{
     VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB,
 };
 
+use crate::backend_channel::BackendChannel;
 use crate::config_space::ConfigSpace;
 use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
 use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, RENDERER_EVENT};
@@ -212,7 +213,14 @@ impl VhostUserBackend for GpuDevice {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
-        match VmmRequests::start(backend, self.inner.mailbox.clone()) {
+        let channel = match BackendChannel::adopt(backend, policy::MAX_OPEN_FILES) {
+            Ok(channel) => channel,
+            Err(e) => {
+                log::error!("{e}; blobs cannot be mapped on this connection");
+                return;
+            }
+        };
+        match VmmRequests::start(channel, self.inner.mailbox.clone()) {
             Ok((vmm, _thread)) => self.send(Input::VmmChannel(vmm)),
             Err(e) => log::error!("starting the VMM request thread failed: {e}"),
         }

@@ -4,6 +4,7 @@
 //! descriptor lane. It never touches the GPU and, once set up, no file system either.
 
 pub mod backend;
+pub mod backend_channel;
 pub mod blob_map;
 mod blobs;
 pub mod config_space;

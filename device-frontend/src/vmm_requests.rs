@@ -1,17 +1,17 @@
 //! The VMM side of blob mapping: VHOST_USER_BACKEND_SHMEM_MAP / SHMEM_UNMAP on the backend
-//! request channel. The vhost crate sends each request and then blocks until the VMM's
-//! REPLY_ACK, so the requests run on their own thread, and each acknowledgment comes back
+//! request channel. Each request blocks until the VMM's REPLY_ACK, so the requests run on
+//! their own thread, and each acknowledgment comes back
 //! to the control actor as a mailbox input: to the mapping state machine an ack is an
 //! event like any other, and a late (or never arriving) ack blocks nothing but the blob it
 //! belongs to.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
+use crate::backend_channel::BackendChannel;
 use crate::control::Input;
 use crate::mailbox::Mailbox;
 
@@ -59,12 +59,15 @@ pub struct VmmRequests {
 }
 
 impl VmmRequests {
-    /// Starts the request thread over `backend` (the VMM's backend request channel).
-    pub fn start(backend: Backend, mailbox: Mailbox) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Starts the request thread over `channel` (the VMM's backend request channel).
+    pub fn start(
+        channel: BackendChannel,
+        mailbox: Mailbox,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("vmm-requests".into())
-            .spawn(move || serve(backend, rx, mailbox))?;
+            .spawn(move || serve(channel, rx, mailbox))?;
         Ok((VmmRequests { tx }, handle))
     }
 
@@ -74,7 +77,7 @@ impl VmmRequests {
     }
 }
 
-fn serve(backend: Backend, rx: Receiver<VmmRequest>, mailbox: Mailbox) {
+fn serve(mut channel: BackendChannel, rx: Receiver<VmmRequest>, mailbox: Mailbox) {
     for request in rx {
         let (resource_id, ack) = match request {
             VmmRequest::Map {
@@ -91,11 +94,11 @@ fn serve(backend: Backend, rx: Receiver<VmmRequest>, mailbox: Mailbox) {
                     flags: VhostUserMMapFlags::WRITABLE.bits(),
                     ..Default::default()
                 };
-                let r = backend.shmem_map(&msg, &fd);
+                let r = channel.shmem_map(&msg, fd.as_fd());
                 if let Err(e) = &r {
                     log::warn!("SHMEM_MAP of resource {resource_id} at {offset:#x}+{len:#x}: {e}");
                 }
-                (resource_id, VmmAck::Map(r.map(|_| ()).map_err(|_| ())))
+                (resource_id, VmmAck::Map(r.map_err(|_| ())))
             }
             VmmRequest::Unmap {
                 resource_id,
@@ -110,13 +113,13 @@ fn serve(backend: Backend, rx: Receiver<VmmRequest>, mailbox: Mailbox) {
                     flags: 0,
                     ..Default::default()
                 };
-                let r = backend.shmem_unmap(&msg);
+                let r = channel.shmem_unmap(&msg);
                 if let Err(e) = &r {
                     log::warn!(
                         "SHMEM_UNMAP of resource {resource_id} at {offset:#x}+{len:#x}: {e}"
                     );
                 }
-                (resource_id, VmmAck::Unmap(r.map(|_| ()).map_err(|_| ())))
+                (resource_id, VmmAck::Unmap(r.map_err(|_| ())))
             }
         };
         if !mailbox.post(Input::Vmm { resource_id, ack }) {
