@@ -2,8 +2,9 @@
 //! use, one line each, and whether vgpu-sandbox can run here at all.
 //!
 //! Every probe runs in this (unconfined) process and leaves nothing behind: no filter is
-//! installed, no namespace entered, no process started except `qemu-system-x86_64
-//! --version`. Lines read `NAME: ok|missing|unknown: reason`; the exit status is 1 when a
+//! installed, no namespace entered by this process. Two processes are started: `qemu-system-x86_64
+//! --version`, and one that is cloned into the children's namespaces exactly as a child
+//! would be (down to its uid/gid maps) and exits at once. Lines read `NAME: ok|missing|unknown: reason`; the exit status is 1 when a
 //! requirement (seccomp filter mode, memfd sealing) is missing, else 0.
 
 use std::fs;
@@ -15,6 +16,7 @@ use std::process::{Command, ExitCode, Stdio};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::ftruncate;
+use policy::namespaces::{Namespace, NamespaceError, NamespaceSet, Refusal};
 
 /// The QEMU binary looked for on `PATH`.
 const QEMU: &str = "qemu-system-x86_64";
@@ -87,13 +89,16 @@ impl Check {
 /// Runs every probe, prints one line each on stdout, and returns 1 when a requirement is
 /// missing (with one more line on stderr naming it).
 pub fn run() -> ExitCode {
+    let probe = policy::namespaces::probe(NamespaceSet::ALL);
     let checks = [
         seccomp_filter(),
         seccomp_kill_process(),
         seccomp_log(),
         no_new_privs(),
-        net_ipc_namespaces(),
-        user_namespaces(),
+        namespace(&probe, Namespace::User),
+        namespace(&probe, Namespace::Mount),
+        namespace(&probe, Namespace::Pid),
+        net_ipc_namespaces(&probe),
         memfd_sealing(),
         close_range(),
         pidfd_open(),
@@ -253,19 +258,101 @@ fn sysctl(path: &str) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
-/// `CAP_SYS_ADMIN` (linux/capability.h), which `unshare(CLONE_NEWNET | CLONE_NEWIPC)`
-/// needs without a user namespace.
-const CAP_SYS_ADMIN: u32 = 21;
+/// What a child would get, from [`policy::namespaces::probe`].
+type Probe = Result<(NamespaceSet, Vec<Refusal>), NamespaceError>;
 
-fn net_ipc_namespaces() -> Check {
-    const NAME: &str = "net-ipc-namespaces";
+/// Why a namespace was refused, for a `missing` line: the probe's refusals, and for the
+/// user namespace the sysctls that usually explain it.
+fn refusal_reason(ns: Namespace, refused: &[Refusal]) -> String {
+    let tried: Vec<String> = refused
+        .iter()
+        .filter(|r| r.tried.contains(ns))
+        .map(|r| format!("{} at {}: {}", r.tried, r.step, r.errno))
+        .collect();
+    let mut why = format!("refused ({})", tried.join("; "));
+    if ns == Namespace::User {
+        let hints: Vec<String> = [
+            (
+                "user.max_user_namespaces",
+                "/proc/sys/user/max_user_namespaces",
+            ),
+            // Debian and Ubuntu kernels: 0 forbids them to unprivileged users.
+            (
+                "kernel.unprivileged_userns_clone",
+                "/proc/sys/kernel/unprivileged_userns_clone",
+            ),
+            // Ubuntu 23.10+: AppArmor may restrict them even when the above allow them.
+            (
+                "kernel.apparmor_restrict_unprivileged_userns",
+                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, path)| Some(format!("{name} {}", sysctl(path)?)))
+        .collect();
+        if !hints.is_empty() {
+            why.push_str(&format!("; {}", hints.join(", ")));
+        }
+    }
+    why
+}
+
+/// One of the namespaces each child is cloned into, as the probe found it.
+fn namespace(probe: &Probe, ns: Namespace) -> Check {
+    let name = match ns {
+        Namespace::User => "user-namespaces",
+        Namespace::Mount => "mount-namespaces",
+        Namespace::Pid => "pid-namespaces",
+        Namespace::Net | Namespace::Ipc => "net-ipc-namespaces",
+    };
+    let (used, without) = match ns {
+        Namespace::User => (
+            "used: each child gets its own (root inside is this user outside), which also \
+             lets a broker without CAP_SYS_ADMIN create the others",
+            "the children keep the broker's user namespace, and get the other namespaces \
+             only where the broker holds CAP_SYS_ADMIN",
+        ),
+        Namespace::Mount => (
+            "used: each child switches to an empty read-only root after its set-up",
+            "the children keep the host's file system in view (seccomp still forbids \
+             opening anything)",
+        ),
+        Namespace::Pid => (
+            "used: each child is pid 1 of its own pid namespace and sees no other process",
+            "the children see the host's processes (seccomp still forbids signalling or \
+             tracing them)",
+        ),
+        Namespace::Net | Namespace::Ipc => (
+            "used: each child gets its own network and IPC namespaces",
+            "the children share the broker's network and IPC namespaces",
+        ),
+    };
+    match probe {
+        Ok((got, _)) if got.contains(ns) => Check::new(
+            name,
+            State::Ok,
+            format!("a child was started in one (tried, as the broker would); {used}"),
+        ),
+        Ok((_, refused)) => Check::new(
+            name,
+            State::Missing,
+            format!(
+                "{}; {without}; the broker logs so at start",
+                refusal_reason(ns, refused)
+            ),
+        ),
+        Err(e) => Check::new(name, State::Unknown, format!("probing failed: {e}")),
+    }
+}
+
+fn net_ipc_namespaces(probe: &Probe) -> Check {
     let kernel: Vec<&str> = ["net", "ipc"]
         .into_iter()
         .filter(|ns| fs::symlink_metadata(format!("/proc/self/ns/{ns}")).is_err())
         .collect();
     if !kernel.is_empty() {
         return Check::new(
-            NAME,
+            "net-ipc-namespaces",
             State::Missing,
             format!(
                 "no /proc/self/ns/{} (kernel without them): the children share the \
@@ -274,71 +361,17 @@ fn net_ipc_namespaces() -> Check {
             ),
         );
     }
-    let cap_eff = self_status("CapEff").and_then(|v| u64::from_str_radix(&v, 16).ok());
-    match cap_eff {
-        Some(caps) if caps & (1 << CAP_SYS_ADMIN) != 0 => Check::new(
-            NAME,
-            State::Ok,
-            "CAP_SYS_ADMIN held (judged from CapEff, not tried); used: each child gets its \
-             own network and IPC namespaces",
-        ),
-        Some(_) => Check::new(
-            NAME,
-            State::Missing,
-            "no CAP_SYS_ADMIN (not root): the children keep the broker's network and IPC \
-             namespaces, and the broker logs so at start",
-        ),
-        None => Check::new(NAME, State::Unknown, "no CapEff in /proc/self/status"),
+    match probe {
+        // Both or neither: they are created together.
+        Ok((got, refused)) if got.contains(Namespace::Net) != got.contains(Namespace::Ipc) => {
+            Check::new(
+                "net-ipc-namespaces",
+                State::Unknown,
+                format!("only one of net and ipc ({got}); {refused:?}"),
+            )
+        }
+        _ => namespace(probe, Namespace::Net),
     }
-}
-
-fn user_namespaces() -> Check {
-    const NAME: &str = "user-namespaces";
-    const NOT_USED: &str = "not used yet (planned for the children)";
-    let max = sysctl("/proc/sys/user/max_user_namespaces");
-    // Debian and Ubuntu kernels: 0 forbids them to unprivileged users.
-    let unprivileged = sysctl("/proc/sys/kernel/unprivileged_userns_clone");
-    // Ubuntu 23.10+: AppArmor may restrict them even when the above allow them.
-    let apparmor = sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
-    let Some(max) = max else {
-        return Check::new(
-            NAME,
-            State::Missing,
-            format!("/proc/sys/user/max_user_namespaces absent (no CONFIG_USER_NS); {NOT_USED}"),
-        );
-    };
-    if max == "0" {
-        return Check::new(
-            NAME,
-            State::Missing,
-            format!("user.max_user_namespaces is 0; {NOT_USED}"),
-        );
-    }
-    if unprivileged.as_deref() == Some("0") {
-        return Check::new(
-            NAME,
-            State::Missing,
-            format!("kernel.unprivileged_userns_clone is 0; {NOT_USED}"),
-        );
-    }
-    if apparmor.as_deref() == Some("1") {
-        return Check::new(
-            NAME,
-            State::Unknown,
-            format!(
-                "kernel.apparmor_restrict_unprivileged_userns is 1 (AppArmor decides per \
-                 program); {NOT_USED}"
-            ),
-        );
-    }
-    let clone = unprivileged.map_or(String::new(), |v| {
-        format!(", kernel.unprivileged_userns_clone {v}")
-    });
-    Check::new(
-        NAME,
-        State::Ok,
-        format!("user.max_user_namespaces {max}{clone} (sysctls only, not tried); {NOT_USED}"),
-    )
 }
 
 fn memfd_sealing() -> Check {

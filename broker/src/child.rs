@@ -65,7 +65,9 @@ fn bootstrap(role: Role, server: String) -> Result<ChildBootstrap, String> {
     hello_tx
         .send(ChildHello {
             role,
-            pid: std::process::id(),
+            // In a pid namespace of its own this process is pid 1; the broker knows it by
+            // its pid outside.
+            pid: policy::namespaces::pid_outside(),
             bootstrap: tx,
         })
         .map_err(|e| format!("sending hello: {e}"))?;

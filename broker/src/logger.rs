@@ -47,7 +47,8 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
 pub fn init(role: &'static str, level: LevelFilter) {
     let logger = StderrLogger {
         role,
-        pid: std::process::id(),
+        // The pid the host sees: a child in its own pid namespace would otherwise log as 1.
+        pid: policy::namespaces::pid_outside(),
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);

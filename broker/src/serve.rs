@@ -108,13 +108,13 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     drop((lane_fe, lane_re, listener, doorbell));
     let mut frontend_m = Managed::new(Role::Frontend.name(), frontend.child);
     let mut renderer_m = Managed::new(Role::Renderer.name(), renderer_child);
-    log::info!(
-        "started device-frontend (pid {}, {}) and renderer-worker (pid {}, {})",
-        frontend_m.child.id(),
-        spawn::namespaces_of(frontend_m.child.id()),
-        renderer_m.child.id(),
-        spawn::namespaces_of(renderer_m.child.id())
-    );
+    // One line per child: which protections it has, and which the host refused.
+    for (m, namespaces) in [
+        (&renderer_m, &renderer.namespaces),
+        (&frontend_m, &frontend.namespaces),
+    ] {
+        log::info!("started {} (pid {}): {namespaces}", m.role, m.child.id());
+    }
 
     let wired = wire(config, frontend.hello.bootstrap, renderer.hello.bootstrap);
     let (fe_status, re_status) = match wired {
@@ -149,9 +149,10 @@ type StatusRx = IpcReceiver<ChildStatus>;
 fn jail_broker(mode: Option<&str>) -> Result<(), String> {
     let action = policy::ViolationAction::parse(mode).map_err(|e| e.to_string())?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
-    // The children's namespaces were the last thing that needed a capability; signalling
-    // them (same user) and removing the socket file (in a directory this user may write)
-    // need none.
+    // The children's namespaces were the last thing that needed a capability (where no
+    // user namespace could be had); signalling them (same user, from outside their
+    // namespaces) and removing the socket file (in a directory this user may write) need
+    // none.
     let caps = policy::drop_capabilities().map_err(|e| e.to_string())?;
     log::info!("broker: {caps}");
     policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())

@@ -1,15 +1,21 @@
 //! Starting a child role: re-execute this binary (a fresh address space, never a fork
-//! without exec) with the role and the name of a one-shot bootstrap server, and place the
-//! fds it inherits at fixed numbers.
+//! without exec) with the role and the name of a one-shot bootstrap server, in its own
+//! namespaces where the host allows them (`policy::namespaces::spawn`: the clone, the
+//! fallback and the steps before exec live there), and place the fds it inherits at fixed
+//! numbers.
 
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::IpcOneShotServer;
+use nix::errno::Errno;
+use policy::namespaces::{self, ExecPlan, NamespaceSet, FIXED_FD_LIMIT};
 use protocol::bootstrap::{ChildHello, Role, BOOTSTRAP_FLAG, ROLE_FLAG};
 
 use crate::logger::LOG_ENV;
@@ -17,12 +23,78 @@ use crate::logger::LOG_ENV;
 /// How long a child may take from exec to its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The namespaces the broker asks for, for each child.
+pub const WANTED_NAMESPACES: NamespaceSet = NamespaceSet::ALL;
+
+/// A child process of the broker, known by its pid in the broker's pid namespace (the
+/// child itself reads 1 there when it has a pid namespace of its own). Not killed on drop.
+#[derive(Debug)]
+pub struct ChildProcess {
+    pid: libc::pid_t,
+    status: Option<ExitStatus>,
+}
+
+impl ChildProcess {
+    /// The pid, as the broker (and the host) sees it.
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Its exit status if it has exited (reaping it), without blocking.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    /// Waits for it to exit and reaps it.
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.wait_with(0)? {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// SIGKILL, unless already reaped. Forced even on init of a pid namespace, since the
+    /// broker is outside it.
+    pub fn kill(&mut self) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn wait_with(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        let mut raw = 0;
+        // SAFETY: FFI; `raw` is a live local; `pid` is our child, unreaped until here.
+        let r = unsafe { libc::waitpid(self.pid, &mut raw, flags) };
+        match r {
+            0 => Ok(None),
+            r if r == self.pid => {
+                let status = ExitStatus::from_raw(raw);
+                self.status = Some(status);
+                Ok(Some(status))
+            }
+            _ if Errno::last() == Errno::EINTR => Ok(None),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
 /// A started child and its bootstrap hello.
 pub struct Spawned {
     /// The process.
-    pub child: Child,
+    pub child: ChildProcess,
     /// What it said first.
     pub hello: ChildHello,
+    /// Which namespaces it has of its own and which it shares, for the log.
+    pub namespaces: String,
 }
 
 /// Why a child could not be started.
@@ -36,13 +108,21 @@ pub enum SpawnError {
         /// What failed.
         err: io::Error,
     },
+    /// Creating the process (in its namespaces) failed.
+    #[error("starting the {role}: {source}")]
+    Namespaces {
+        /// Which role.
+        role: &'static str,
+        /// What failed.
+        source: namespaces::NamespaceError,
+    },
     /// The child died before saying hello.
     #[error("the {role} exited during start-up ({status})")]
     DiedEarly {
         /// Which role.
         role: &'static str,
         /// Its exit status.
-        status: std::process::ExitStatus,
+        status: ExitStatus,
     },
     /// The child did not connect in time.
     #[error("the {role} did not connect to the broker within {timeout:?}")]
@@ -66,18 +146,21 @@ pub enum SpawnError {
 /// clobber one another.
 pub fn lift_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(16)).map(|raw| {
-            // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
-        })?,
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(FIXED_FD_LIMIT)).map(
+            |raw| {
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+            },
+        )?,
     )
 }
 
-/// Most fds a child inherits at fixed numbers.
-const MAX_INHERITED: usize = 4;
-
-/// Spawns `role`, handing it each `(fd, number)` of `fds` at that fixed number (every
-/// source fd must already be above the fixed numbers: see [`lift_fd`]).
+/// Spawns `role` in [`WANTED_NAMESPACES`] (or what the host allows of them), handing it
+/// each `(fd, number)` of `fds` at that fixed number (every source fd must already be
+/// above the fixed numbers: see [`lift_fd`]), and waits (bounded) for its hello.
+///
+/// Call it from the thread that lives as long as the broker: the child's parent-death
+/// signal is tied to it.
 pub fn spawn(
     role: Role,
     fds: &[(&OwnedFd, RawFd)],
@@ -87,72 +170,75 @@ pub fn spawn(
     let name = role.name();
     let io_err = |err| SpawnError::Io { role: name, err };
     let (server, server_name) = IpcOneShotServer::<ChildHello>::new().map_err(io_err)?;
-    if fds.len() > MAX_INHERITED {
-        return Err(io_err(io::Error::other("too many inherited fds")));
-    }
-    // A fixed-size copy: the pre_exec closure must not allocate.
-    let mut moves = [(-1 as RawFd, -1 as RawFd); MAX_INHERITED];
-    for (slot, (fd, number)) in moves.iter_mut().zip(fds) {
-        *slot = (fd.as_raw_fd(), *number);
-    }
-    let first_free = fds.iter().map(|(_, n)| *n).max().unwrap_or(2) + 1;
-    let broker_pid = nix::unistd::getpid();
+    let dev_null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err)?;
+    let dev_null = lift_fd(dev_null.into()).map_err(io_err)?;
+    let mut inherited: Vec<_> = fds.iter().map(|(fd, n)| (fd.as_fd(), *n)).collect();
+    // stdin and stdout are /dev/null; stderr (the log) is the broker's.
+    inherited.extend([(dev_null.as_fd(), 0), (dev_null.as_fd(), 1)]);
 
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0("vgpu-sandbox")
-        .args([ROLE_FLAG, name, BOOTSTRAP_FLAG, &server_name])
-        .env(LOG_ENV, log_level.to_string())
-        .envs(seccomp.map(|mode| (policy::SECCOMP_ENV, mode)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // system calls (dup2, prctl, getppid, sigprocmask, close_range, unshare, _exit); it
-    // allocates nothing and touches no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(src, dst) in moves.iter().filter(|(src, _)| *src >= 0) {
-                if libc::dup2(src, dst) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // No orphan, ever: the child dies with the broker.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != broker_pid.as_raw() {
-                libc::_exit(1);
-            }
-            // The broker blocks signals to read them from a signalfd; the child must not
-            // inherit that mask.
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Anything else this process happened to have open must not reach the child.
-            libc::syscall(
-                libc::SYS_close_range,
-                first_free as libc::c_uint,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            // Own network and System V IPC namespaces: no interface but a down loopback,
-            // no shared IPC objects. Unix sockets by path (the bootstrap server) still
-            // work. Where the host does not allow it the child keeps the broker's, and
-            // the broker logs which it got (`namespaces_of`).
-            libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC);
-            Ok(())
-        });
+    let cstring = |bytes: Vec<u8>| CString::new(bytes).map_err(|e| io_err(e.into()));
+    let args = [
+        "vgpu-sandbox",
+        ROLE_FLAG,
+        name,
+        BOOTSTRAP_FLAG,
+        server_name.as_str(),
+    ]
+    .into_iter()
+    .map(|a| cstring(a.as_bytes().to_vec()))
+    .collect::<Result<Vec<_>, _>>()?;
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if key == LOG_ENV || key == policy::SECCOMP_ENV {
+            continue;
+        }
+        let mut entry = key;
+        entry.push("=");
+        entry.push(value);
+        env.push(cstring(entry.into_vec())?);
     }
-    let mut child = cmd.spawn().map_err(io_err)?;
-    log::debug!("started {name} as pid {}", child.id());
+    env.push(cstring(format!("{LOG_ENV}={log_level}").into_bytes())?);
+    if let Some(mode) = seccomp {
+        env.push(cstring(
+            format!("{}={mode}", policy::SECCOMP_ENV).into_bytes(),
+        )?);
+    }
+
+    let started = namespaces::spawn(
+        WANTED_NAMESPACES,
+        &ExecPlan {
+            program: c"/proc/self/exe",
+            args: &args,
+            env: &env,
+            fds: &inherited,
+        },
+    )
+    .map_err(|source| SpawnError::Namespaces { role: name, source })?;
+    drop(dev_null);
+    let mut child = ChildProcess {
+        pid: started.pid,
+        status: None,
+    };
+    log::debug!(
+        "started {name} as pid {} in {} namespace(s)",
+        child.id(),
+        started.namespaces
+    );
 
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
+    if let Err(e) = std::thread::Builder::new()
         .name(format!("accept-{name}"))
         .spawn(move || {
             let _ = tx.send(server.accept());
         })
-        .map_err(io_err)?;
+    {
+        kill_and_reap(&mut child);
+        return Err(io_err(e));
+    }
     let deadline = Instant::now() + HELLO_TIMEOUT;
     let hello = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -197,30 +283,21 @@ pub fn spawn(
             ),
         });
     }
-    Ok(Spawned { child, hello })
-}
-
-/// Which of the broker's namespaces `pid` left, for the log: e.g. "own net, own ipc" or
-/// "shares the broker's net and ipc (the host refused new namespaces)".
-pub fn namespaces_of(pid: u32) -> String {
-    let differs = |ns: &str| {
-        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}"));
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
-        matches!((mine, theirs), (Ok(a), Ok(b)) if a != b)
-    };
-    let own: Vec<&str> = ["net", "ipc"]
-        .into_iter()
-        .filter(|ns| differs(ns))
-        .collect();
-    if own.is_empty() {
-        "shares the broker's net and ipc namespaces (the host refused new ones)".into()
-    } else {
-        format!("own {} namespace(s)", own.join(" and "))
-    }
+    // Read from /proc rather than taken from the clone flags: what the child really has.
+    let namespaces = namespaces::describe(
+        namespaces::own_namespaces_of(child.id()),
+        WANTED_NAMESPACES,
+        &started.refused,
+    );
+    Ok(Spawned {
+        child,
+        hello,
+        namespaces,
+    })
 }
 
 /// SIGKILL and wait; used on start-up failures where nothing is worth waiting for.
-pub fn kill_and_reap(child: &mut Child) {
+pub fn kill_and_reap(child: &mut ChildProcess) {
     let _ = child.kill();
     let _ = child.wait();
 }

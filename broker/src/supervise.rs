@@ -4,20 +4,24 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-/// How long a child may take to exit after SIGTERM before it gets SIGKILL.
+use crate::spawn::ChildProcess;
+
+/// How long a child may take to be reaped after SIGKILL before the broker gives up on it.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Exit code of the frontend when its renderer went away (see device-frontend).
 const FRONTEND_RENDERER_GONE: i32 = device_frontend::EXIT_RENDERER_GONE;
 /// Exit code of a child whose seccomp filter trapped (diagnostic mode, see policy).
 const SECCOMP_TRAP_EXIT: i32 = 159;
+/// Exit code of a child that aborted as init of its own pid namespace (see policy).
+const ABORT_EXIT: i32 = policy::namespaces::ABORT_EXIT_CODE;
 
 /// Blocks the signals the broker handles and returns a signalfd for them. Must run before
 /// any thread is started, so that every thread inherits the mask.
@@ -40,14 +44,14 @@ pub struct Managed {
     /// Role name for messages.
     pub role: &'static str,
     /// The process.
-    pub child: Child,
+    pub child: ChildProcess,
     /// Its exit status once reaped.
     pub status: Option<ExitStatus>,
 }
 
 impl Managed {
     /// Wraps a child.
-    pub fn new(role: &'static str, child: Child) -> Self {
+    pub fn new(role: &'static str, child: ChildProcess) -> Self {
         Managed {
             role,
             child,
@@ -83,6 +87,7 @@ pub fn describe(status: ExitStatus) -> String {
         Some(SECCOMP_TRAP_EXIT) => {
             "exited with status 159 (seccomp violation, reported above)".into()
         }
+        Some(ABORT_EXIT) => "exited with status 134 (it aborted)".into(),
         Some(c) => format!("exited with status {c}"),
         None => "ended".into(),
     }
@@ -199,33 +204,32 @@ fn wait_signal(sfd: &SignalFd, left: Duration) {
     }
 }
 
-/// SIGTERM to every live child, bounded wait, then SIGKILL for stragglers.
+/// SIGKILL to every live child, then a bounded wait for their exits.
+///
+/// Not SIGTERM first: the children keep nothing that needs a graceful exit (their only
+/// state is the device's, which ends with them), and as init of their own pid namespaces
+/// they would ignore SIGTERM, having no handler for it. SIGKILL from the broker, outside
+/// their namespace, is always delivered.
 pub fn stop_all(sfd: &SignalFd, children: &mut [&mut Managed]) {
     for m in children.iter_mut() {
         if m.reap().is_none() {
-            let pid = nix::unistd::Pid::from_raw(m.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            let _ = m.child.kill();
         }
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
     while children.iter_mut().any(|m| m.reap().is_none()) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            for m in children.iter_mut() {
-                if m.reap().is_none() {
-                    log::warn!(
-                        "{} (pid {}) ignored SIGTERM for {STOP_TIMEOUT:?}; killing it",
-                        m.role,
-                        m.child.id()
-                    );
-                    let _ = m.child.kill();
-                    m.status = m.child.wait().ok();
-                }
+            for m in children.iter_mut().filter(|m| m.status.is_none()) {
+                log::warn!(
+                    "{} (pid {}) was not reaped within {STOP_TIMEOUT:?} of SIGKILL",
+                    m.role,
+                    m.child.id()
+                );
             }
             break;
         }
-        // SIGCHLD is what we wait for; a second SIGTERM changes nothing (the children
-        // already have theirs).
+        // SIGCHLD is what we wait for.
         wait_signal(sfd, left);
     }
     for m in children.iter_mut() {

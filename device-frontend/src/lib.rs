@@ -75,11 +75,7 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         }
     }
 
-    if config.seccomp {
-        sandbox::enter_jail()?;
-    } else {
-        log::warn!("seccomp disabled: the device-frontend runs unconfined");
-    }
+    sandbox::enter_jail(config.seccomp)?;
     boot.to_broker
         .send(ChildStatus::Ready)
         .map_err(|e| FrontendError::Broker(e.to_string()))?;

@@ -33,6 +33,10 @@ pub enum PolicyError {
     /// The SIGSYS handler of [`crate::ViolationAction::Trap`] could not be installed.
     #[error("installing the SIGSYS handler failed: {0}")]
     SigsysHandler(nix::Error),
+    /// The SIGABRT handler of a process that is init of its own pid namespace could not be
+    /// installed (see `namespaces.rs`).
+    #[error("installing the SIGABRT handler failed: {0}")]
+    SigabrtHandler(nix::Error),
     /// The kernel refused the filter (`seccomp(SECCOMP_SET_MODE_FILTER, TSYNC)`), e.g.
     /// because another thread runs under a different filter.
     #[error("installing the {role} seccomp filter failed: {source}")]

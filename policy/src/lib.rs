@@ -1,11 +1,15 @@
 //! Sandbox policies of vgpu-sandbox.
 //!
-//! Every child process (device-frontend, renderer-worker) jails itself in two steps,
+//! The broker starts each child in its own namespaces ([`namespaces::spawn`]). Every
+//! child process (device-frontend, renderer-worker) then jails itself in three steps,
 //! after its set-up and before it reads its first untrusted byte:
 //!
-//! 1. [`harden_process`]: no new privileges, not dumpable, no core files, a cap on open
+//! 1. [`enter_empty_root`]: an empty read-only tmpfs becomes its root (when the broker
+//!    could give it a mount namespace; see `src/namespaces.rs` for the whole order and the
+//!    fallback when the host refuses namespaces).
+//! 2. [`harden_process`]: no new privileges, not dumpable, no core files, a cap on open
 //!    descriptors.
-//! 2. [`install_seccomp`]: the role's syscall allowlist, applied to every thread of the
+//! 3. [`install_seccomp`]: the role's syscall allowlist, applied to every thread of the
 //!    process (TSYNC). A syscall outside the list kills the whole process
 //!    ([`ViolationAction::Kill`], production) or, for debugging, prints one line naming the
 //!    syscall and exits with [`TRAP_EXIT_CODE`] ([`ViolationAction::Trap`]).
@@ -18,12 +22,14 @@ compile_error!("vgpu-policy: the seccomp allowlists are written for x86_64 Linux
 
 mod error;
 mod harden;
+pub mod namespaces;
 mod seccomp;
 mod trap;
 mod warm_up;
 
 pub use error::PolicyError;
 pub use harden::{drop_capabilities, harden_process, MAX_OPEN_FILES};
+pub use namespaces::{enter_empty_root, Namespace, NamespaceError, NamespaceSet, RootSwitch};
 pub use protocol::bootstrap::Role;
 pub use seccomp::{allowed_syscalls, filter_for, install_seccomp};
 pub use trap::TRAP_EXIT_CODE;

@@ -18,8 +18,15 @@ const BLOCK: usize = 64 << 10;
 /// for a few milliseconds).
 const TOTAL: usize = 72 << 20;
 
-/// Runs glibc's first per-thread-arena heap shrink on a short-lived thread.
+/// Runs glibc's first per-thread-arena heap shrink on a short-lived thread, once per
+/// process: [`crate::enter_empty_root`] needs it done while `/proc` is still there, and
+/// [`crate::install_seccomp`] before the filter, whichever comes first.
 pub(crate) fn warm_up_malloc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(warm_up_malloc_now);
+}
+
+fn warm_up_malloc_now() {
     let primed = std::thread::Builder::new()
         .name("policy-warm-up".into())
         .spawn(|| {

@@ -526,6 +526,8 @@ fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
         "no-new-privs",
         "net-ipc-namespaces",
         "user-namespaces",
+        "mount-namespaces",
+        "pid-namespaces",
         "close-range",
         "pidfd-open",
         "qemu",
@@ -536,5 +538,5 @@ fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
             "{name}: {d}"
         );
     }
-    assert_eq!(o.stdout.lines().count(), 11, "one line per probe: {d}");
+    assert_eq!(o.stdout.lines().count(), 13, "one line per probe: {d}");
 }

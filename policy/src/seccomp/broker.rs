@@ -11,14 +11,11 @@ use super::permit::{sys, Permit};
 pub(crate) fn permits(pid: u32) -> Vec<Permit> {
     let mut permits = common::permits(ExecMemory::Deny, pid);
     permits.extend([
-        // Reaping children (std's Child::try_wait / wait is waitpid, i.e. wait4).
+        // Reaping children (waitpid, i.e. wait4).
         Permit::any(sys!(SYS_wait4)),
-        // Stopping children: SIGTERM first, SIGKILL for stragglers; no other signal.
-        Permit::arg_in(
-            sys!(SYS_kill),
-            1,
-            &[libc::SIGTERM as u64, libc::SIGKILL as u64],
-        ),
+        // Stopping children: SIGKILL only (as init of their own pid namespaces they would
+        // ignore SIGTERM, having no handler for it; see broker/src/supervise.rs).
+        Permit::arg_in(sys!(SYS_kill), 1, &[libc::SIGKILL as u64]),
         // Removing the vhost-user socket file it bound (--socket-path) when it exits.
         Permit::any(sys!(SYS_unlink)),
         Permit::any(sys!(SYS_unlinkat)),

@@ -54,10 +54,13 @@ pub fn filter_for(role: Role, action: ViolationAction) -> Result<BpfProgram, Pol
 ///
 /// Before the filter it makes glibc do lazy work that would otherwise open a file later
 /// (see `src/warm_up.rs`: the first shrink of a thread's malloc heap reads
-/// `/proc/sys/vm/overcommit_memory`); this costs a short-lived thread and a few ms.
+/// `/proc/sys/vm/overcommit_memory`); this costs a short-lived thread and a few ms. As
+/// init of its own pid namespace, the process also gets a SIGABRT handler first (see
+/// `namespaces::exit_on_abort_as_init`), so an abort does not read as a violation.
 pub fn install_seccomp(role: Role, action: ViolationAction) -> Result<(), PolicyError> {
     let program = filter_for(role, action)?;
     warm_up::warm_up_malloc();
+    crate::namespaces::exit_on_abort_as_init().map_err(PolicyError::SigabrtHandler)?;
     if action == ViolationAction::Trap {
         trap::install_sigsys_handler(role)?;
     }
