@@ -8,6 +8,8 @@
 #   - busybox-static (the guest's shell), xz-utils (Debian's kernel modules are .ko.xz),
 #     gcc and libc6-dev (the static guest program), linux-libc-dev and libdrm-dev (the
 #     fbdev/console and DRM UAPI headers: Debian ships drm.h/drm_mode.h in libdrm-dev);
+#   - first, the build dependencies (scripts/setup-build-deps.sh: virglrenderer, bindgen's
+#     libclang, Mesa's EGL and llvmpipe);
 #   - a Debian 6.12 kernel (linux-image-*-amd64-unsigned from backports), fetched with
 #     `apt-get download` and unpacked with `dpkg -x` into the cache directory: nothing is
 #     installed into /boot.
@@ -70,6 +72,8 @@ report() {
     say "busybox:            $(command -v busybox) ($(dpkg-query -W -f='${Version}' busybox-static))"
     say "kernel:             $cache/kernel/vmlinuz -> $(readlink "$cache/kernel/vmlinuz") ($(cat "$cache/kernel/PACKAGE"))"
 }
+
+"$here/scripts/setup-build-deps.sh"
 
 if all_ready; then
     say "everything is already in place; nothing to do"

@@ -30,10 +30,14 @@ pub struct ServeArgs {
     /// Print the backend's capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
-    /// DRM render node to use (checked to exist; the 2D renderer does not open it).
+    /// DRM render node for the virgl renderer (opened by the renderer-worker before its
+    /// jail; without it virgl renders with Mesa's llvmpipe). Checked to exist; the 2D
+    /// renderer does not open it.
     #[arg(long, value_name = "PATH")]
     pub render_node: Option<PathBuf>,
-    /// Enable virgl 3D (not available in this build: fails early).
+    /// virgl 3D: virglrenderer on the host's Mesa (EGL, headless; llvmpipe without a GPU)
+    /// serves every command, VIRTIO_GPU_F_VIRGL and the VIRGL / VIRGL2 capsets are
+    /// offered. Fails at start-up, naming why, where virglrenderer cannot initialise.
     #[arg(long)]
     pub virgl: bool,
     /// An output of WIDTHxHEIGHT pixels; repeat for more outputs. Without it: one output,
@@ -69,6 +73,10 @@ pub enum Sub {
     /// Check what this host supports of what the sandbox uses, one line each; exit 1 if
     /// something vgpu-sandbox cannot run without is missing.
     CheckHost,
+    /// Internal: initialise virglrenderer in this (short-lived) process and say why not
+    /// when it fails; the broker runs it before it starts anything with --virgl.
+    #[command(hide = true)]
+    ProbeVirgl,
 }
 
 /// Options of `demo`.
@@ -139,7 +147,14 @@ impl ServeArgs {
         }
         config.edid = !self.no_edid;
         config.hostmem = self.hostmem;
-        if self.hostmem.is_some() {
+        config.render_node = self
+            .render_node
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        if self.virgl {
+            config.virgl = true;
+            config.num_capsets = VIRGL_CAPSETS;
+        } else if self.hostmem.is_some() {
             config.num_capsets = renderer_worker::NUM_CAPSETS;
         }
         if let Some(mib) = self.max_resource_memory {
@@ -152,13 +167,46 @@ impl ServeArgs {
     }
 }
 
-/// `--print-capabilities`: what this build really supports, in QEMU's format.
+/// The capsets a virgl renderer offers (VIRGL and VIRGL2).
+const VIRGL_CAPSETS: u32 = 2;
+
+/// `--print-capabilities`: what this build really supports on this host, in QEMU's format.
+/// "virgl" is listed only when virglrenderer really initialises here.
 pub fn capabilities_json() -> String {
+    let mut features = vec!["render-node"];
+    if virgl_works() {
+        features.push("virgl");
+    }
     serde_json::json!({
         "type": "gpu",
-        "features": ["render-node"],
+        "features": features,
     })
     .to_string()
+}
+
+fn virgl_works() -> bool {
+    probe_virgl().is_ok()
+}
+
+/// Initialises virglrenderer in this process, which must exit soon after (Mesa's threads
+/// and state stay), and says why it cannot work when it does not.
+#[cfg(feature = "virgl")]
+pub fn probe_virgl() -> Result<(), String> {
+    use renderer_worker::Renderer;
+    let r = renderer_worker::VirglRenderer::new(Limits::default(), None, |_| {})
+        .map_err(|e| e.to_string())?;
+    match r.num_capsets() {
+        VIRGL_CAPSETS => Ok(()),
+        n => Err(format!(
+            "virglrenderer offers {n} of the {VIRGL_CAPSETS} virgl capsets here"
+        )),
+    }
+}
+
+/// This build has no virgl renderer.
+#[cfg(not(feature = "virgl"))]
+pub fn probe_virgl() -> Result<(), String> {
+    Err("this build has no virgl renderer (built without the `virgl` feature)".into())
 }
 
 #[cfg(test)]

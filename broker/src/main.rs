@@ -16,7 +16,14 @@ use std::process::ExitCode;
 use clap::Parser;
 use protocol::bootstrap::ROLE_FLAG;
 
+/// Mesa's shader cache writes under the user's cache directory; a jailed renderer cannot
+/// open files, and a cache shared between VMs would be a channel between them.
+const MESA_SHADER_CACHE_DISABLE: &str = "MESA_SHADER_CACHE_DISABLE";
+
 fn main() -> ExitCode {
+    // First thing, while this process has one thread (no other can read the environment
+    // concurrently); the children inherit it.
+    std::env::set_var(MESA_SHADER_CACHE_DISABLE, "true");
     if std::env::args_os().nth(1).is_some_and(|a| a == ROLE_FLAG) {
         return child::main();
     }
@@ -51,6 +58,15 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
     if cli.serve.print_capabilities {
         println!("{}", cli::capabilities_json());
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(cli::Sub::ProbeVirgl) = cli.command {
+        return Ok(match cli::probe_virgl() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                println!("{why}");
+                ExitCode::from(1)
+            }
+        });
     }
     if let Some(cli::Sub::CheckHost) = cli.command {
         return Ok(check_host::run());

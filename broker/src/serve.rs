@@ -39,14 +39,10 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     crate::logger::init("broker", args.log_level);
 
     if args.virgl {
-        return Err(
-            "--virgl: virgl 3D is not available in this build (only the 2D renderer is); \
-             start without --virgl"
-                .into(),
-        );
+        probe_virgl()?;
     }
     if let Some(node) = &args.render_node {
-        check_render_node(node)?;
+        check_render_node(node, args.virgl)?;
     }
     let config = args.device_config()?;
     if let Some(mode) = args.seccomp.as_deref().filter(|m| *m != "kill") {
@@ -278,7 +274,25 @@ fn adopt_fd(fd: i32) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-fn check_render_node(node: &Path) -> Result<(), String> {
+/// Fails early, in one line, where --virgl cannot work: virglrenderer is initialised once
+/// in a throw-away child (`probe-virgl`), so that neither Mesa's threads nor its state end
+/// up in the broker.
+fn probe_virgl() -> Result<(), String> {
+    let out = std::process::Command::new("/proc/self/exe")
+        .arg("probe-virgl")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("--virgl: running the virgl probe: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stdout);
+    let why = why.lines().next().unwrap_or("the probe failed");
+    Err(format!("--virgl: {why}; start without --virgl"))
+}
+
+fn check_render_node(node: &Path, virgl: bool) -> Result<(), String> {
     let m =
         std::fs::metadata(node).map_err(|e| format!("--render-node {}: {e}", node.display()))?;
     if !m.file_type().is_char_device() {
@@ -287,9 +301,16 @@ fn check_render_node(node: &Path) -> Result<(), String> {
             node.display()
         ));
     }
-    log::info!(
-        "render node {} accepted; the 2D renderer does not open it",
-        node.display()
-    );
+    if virgl {
+        log::info!(
+            "render node {}: the virgl renderer draws on it",
+            node.display()
+        );
+    } else {
+        log::info!(
+            "render node {} accepted; the 2D renderer does not open it",
+            node.display()
+        );
+    }
     Ok(())
 }

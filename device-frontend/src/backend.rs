@@ -21,7 +21,7 @@ use vmm_sys_util::event::{
 
 use protocol::config::DeviceConfig;
 use protocol::virtio_gpu::{
-    VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB,
+    VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_VIRGL,
 };
 
 use crate::backend_channel::BackendChannel;
@@ -85,6 +85,9 @@ impl GpuDevice {
         if config.hostmem.is_some() {
             features |= (1u64 << VIRTIO_GPU_F_RESOURCE_BLOB) | (1u64 << VIRTIO_GPU_F_CONTEXT_INIT);
         }
+        if config.virgl {
+            features |= 1u64 << VIRTIO_GPU_F_VIRGL;
+        }
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         Ok(GpuDevice {
             inner: Arc::new(Inner {
@@ -95,11 +98,7 @@ impl GpuDevice {
                 config: Mutex::new(ConfigSpace {
                     events_read: 0,
                     num_scanouts: config.outputs.len() as u32,
-                    num_capsets: if config.hostmem.is_some() {
-                        config.num_capsets
-                    } else {
-                        0
-                    },
+                    num_capsets: crate::blobs::num_capsets(config),
                 }),
                 event_idx,
                 hostmem: config.hostmem,

@@ -7,13 +7,14 @@
 //! and the control queue takes nothing new until it is released: a command queued behind
 //! a suspended unmap runs only after the unmap completed, as in QEMU.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
 use protocol::ipc::{BackingEntry, BlobScanout, RendererOp, ReplyBody};
 use protocol::virtio_gpu::{
     BlobMem, Command, CtrlHeader, ErrorCode, Format, Rect, Response,
-    VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_FLAG_INFO_RING_IDX,
+    VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_CAPSET_VIRGL, VIRTIO_GPU_CAPSET_VIRGL2,
+    VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK, VIRTIO_GPU_FLAG_INFO_RING_IDX,
 };
 
 use crate::blob_map::{self, Action, Event, Export, MapError, MapState};
@@ -57,11 +58,21 @@ struct Slot {
     unref_after_unmap: Vec<(usize, u64)>,
 }
 
+/// What the frontend knows of a context's command stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ContextKind {
+    /// A virgl (VIRGL or VIRGL2 capset) context: SUBMIT_3D streams are virgl commands
+    /// whose framing is checked here ([`protocol::virgl`]).
+    Virgl,
+    /// Any other protocol (cross-domain, ...): the stream is the renderer's to parse.
+    Opaque,
+}
+
 /// Blob, context and window state of the device.
 #[derive(Debug, Default)]
 pub(crate) struct Blobs {
     slots: HashMap<u32, Slot>,
-    contexts: HashSet<u32>,
+    contexts: HashMap<u32, ContextKind>,
     vmm: Option<VmmRequests>,
     /// A device reset waits for in-flight unmaps; the control queue waits for the reset.
     reset_pending: bool,
@@ -94,22 +105,44 @@ impl Control {
         let ctx_id = hdr.ctx_id;
         match cmd {
             Command::CtxCreate { context_init, name } => {
-                if !self.blobs_enabled() {
+                if !self.contexts_enabled() {
                     return Ok(Err(ErrorCode::Unspec));
                 }
-                if !self.blobs.contexts.insert(ctx_id) {
+                if context_init != 0 && !self.blobs_enabled() {
+                    // VIRTIO_GPU_F_CONTEXT_INIT comes with the hostmem window; without it
+                    // the field must be 0 (QEMU answers the same).
+                    crate::guest_warn!(
+                        "CTX_CREATE {ctx_id}: context_init {context_init:#x} without \
+                         VIRTIO_GPU_F_CONTEXT_INIT"
+                    );
+                    return Ok(Err(ErrorCode::InvalidParameter));
+                }
+                let capset = context_init & VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK;
+                // Capset 0 is the default context, which a virgl renderer makes a VIRGL
+                // one (as QEMU does).
+                let kind = if self.config.virgl
+                    && matches!(
+                        capset,
+                        0 | VIRTIO_GPU_CAPSET_VIRGL | VIRTIO_GPU_CAPSET_VIRGL2
+                    ) {
+                    ContextKind::Virgl
+                } else {
+                    ContextKind::Opaque
+                };
+                if self.blobs.contexts.contains_key(&ctx_id) {
                     return Ok(Err(ErrorCode::InvalidContextId));
                 }
+                self.blobs.contexts.insert(ctx_id, kind);
                 let op = RendererOp::CreateContext {
                     ctx_id,
                     context_init,
                     name,
                 };
-                self.request(op, None, After::Nothing)?;
+                self.request(op, None, After::ContextCreated { ctx_id })?;
                 Ok(Ok(None))
             }
             Command::CtxDestroy => {
-                if !self.blobs.contexts.remove(&ctx_id) {
+                if self.blobs.contexts.remove(&ctx_id).is_none() {
                     return Ok(Err(ErrorCode::InvalidContextId));
                 }
                 self.request(RendererOp::DestroyContext { ctx_id }, None, After::Nothing)?;
@@ -117,7 +150,7 @@ impl Control {
             }
             Command::CtxAttachResource { resource_id }
             | Command::CtxDetachResource { resource_id }
-                if !self.blobs.contexts.contains(&ctx_id) =>
+                if !self.has_context(ctx_id) =>
             {
                 let _ = resource_id;
                 Ok(Err(ErrorCode::InvalidContextId))
@@ -145,8 +178,14 @@ impl Control {
                 Ok(Ok(None))
             }
             Command::Submit3d { commands } => {
-                if !self.blobs.contexts.contains(&ctx_id) {
+                let Some(&kind) = self.blobs.contexts.get(&ctx_id) else {
                     return Ok(Err(ErrorCode::InvalidContextId));
+                };
+                if kind == ContextKind::Virgl {
+                    if let Err(e) = protocol::virgl::check(&commands) {
+                        crate::guest_warn!("SUBMIT_3D to virgl context {ctx_id}: {e}");
+                        return Ok(Err(ErrorCode::InvalidParameter));
+                    }
                 }
                 let ring_idx = ring_of(hdr);
                 let fence = self.fence_of(hdr);
@@ -159,7 +198,7 @@ impl Control {
                 Ok(Ok(None))
             }
             Command::GetCapsetInfo { capset_index } => {
-                if capset_index >= self.config.num_capsets {
+                if capset_index >= self.num_capsets() {
                     return Ok(Err(ErrorCode::InvalidParameter));
                 }
                 let op = RendererOp::GetCapsetInfo {
@@ -172,7 +211,7 @@ impl Control {
                 capset_id,
                 capset_version,
             } => {
-                if self.config.num_capsets == 0 {
+                if self.num_capsets() == 0 {
                     return Ok(Err(ErrorCode::InvalidParameter));
                 }
                 let op = RendererOp::GetCapset {
@@ -254,6 +293,28 @@ impl Control {
         self.config.hostmem.is_some()
     }
 
+    /// Contexts exist with blobs (VIRTIO_GPU_F_CONTEXT_INIT) and with virgl (its 3D
+    /// contexts need no hostmem window).
+    fn contexts_enabled(&self) -> bool {
+        self.blobs_enabled() || self.config.virgl
+    }
+
+    /// The capability sets the device announces in its config space (and serves): the
+    /// renderer's, when contexts are on; none otherwise.
+    pub(crate) fn num_capsets(&self) -> u32 {
+        num_capsets(&self.config)
+    }
+
+    /// Whether context `ctx_id` exists.
+    pub(crate) fn has_context(&self, ctx_id: u32) -> bool {
+        self.blobs.contexts.contains_key(&ctx_id)
+    }
+
+    /// Forgets a context whose creation the renderer refused.
+    pub(crate) fn forget_context(&mut self, ctx_id: u32) {
+        self.blobs.contexts.remove(&ctx_id);
+    }
+
     /// The fence a command asks for, if any (the one place a header becomes a fence).
     pub(crate) fn fence_of(&self, hdr: &CtrlHeader) -> Option<protocol::ipc::FenceInfo> {
         hdr.is_fenced().then_some(protocol::ipc::FenceInfo {
@@ -277,7 +338,7 @@ impl Control {
         if !self.blobs_enabled() {
             return Ok(Err(ErrorCode::Unspec));
         }
-        if blob_mem != BlobMem::Guest && !self.blobs.contexts.contains(&ctx_id) {
+        if blob_mem != BlobMem::Guest && !self.has_context(ctx_id) {
             return Ok(Err(ErrorCode::InvalidContextId));
         }
         if !entries.is_empty() {
@@ -745,6 +806,16 @@ impl Control {
             self.finish_reset()?;
         }
         Ok(())
+    }
+}
+
+/// The device's num_capsets for `config`: the renderer's capsets when blobs or virgl
+/// bring contexts, else 0. The config space and GET_CAPSET_INFO both use this.
+pub fn num_capsets(config: &protocol::config::DeviceConfig) -> u32 {
+    if config.hostmem.is_some() || config.virgl {
+        config.num_capsets
+    } else {
+        0
     }
 }
 

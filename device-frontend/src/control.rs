@@ -98,6 +98,8 @@ pub(crate) enum After {
     Respond,
     /// CREATE_BLOB failed in the renderer: forget the blob again.
     BlobCreated { resource_id: u32 },
+    /// CTX_CREATE failed in the renderer: forget the context again.
+    ContextCreated { ctx_id: u32 },
     /// The renderer answered `Map`.
     BlobMap { resource_id: u32 },
     /// The renderer answered `Unmap`.
@@ -505,7 +507,12 @@ impl Control {
                     max_backing_entries: self.config.limits.max_backing_entries,
                     max_submit_bytes: self.config.max_submit_bytes,
                 };
-                match crate::decode::decode(queue, &bytes, limits) {
+                let decoded = if self.config.virgl {
+                    crate::decode::decode_virgl(queue, &bytes, limits)
+                } else {
+                    crate::decode::decode(queue, &bytes, limits)
+                };
+                match decoded {
                     Ok(req) => {
                         self.set_current_hdr(q, id, Some(req.hdr));
                         self.current = Some((q, id));

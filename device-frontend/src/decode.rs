@@ -10,8 +10,12 @@
 //!
 //! Bodies longer than their struct are accepted and the excess ignored: the Linux driver
 //! may hand over a larger buffer than the command needs, and QEMU accepts that too.
+//!
+//! The virgl commands (RESOURCE_CREATE_3D, TRANSFER_TO_HOST_3D, TRANSFER_FROM_HOST_3D) are
+//! decoded only by [`decode_virgl`], for a device that offers VIRTIO_GPU_F_VIRGL; [`decode`]
+//! answers them as unsupported.
 
-use protocol::ipc::BackingEntry;
+use protocol::ipc::{BackingEntry, Box3d, Resource3d};
 use protocol::virtio_gpu::*;
 use thiserror::Error;
 
@@ -206,6 +210,46 @@ pub enum DecodeErrorKind {
         /// Sum of the entries' lengths.
         backing: u64,
     },
+    /// RESOURCE_CREATE_3D with a target beyond PIPE_TEXTURE_CUBE_ARRAY.
+    #[error("3D resource target {0} is not a gallium texture target")]
+    InvalidTarget(u32),
+    /// RESOURCE_CREATE_3D with a zero width, height, depth or layer count.
+    #[error("3D resource size {width}x{height}x{depth} with {array_size} layers has a zero")]
+    ZeroSize3d {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+        /// Requested depth.
+        depth: u32,
+        /// Requested layer count.
+        array_size: u32,
+    },
+    /// RESOURCE_CREATE_3D with more mip levels than its largest side allows.
+    #[error("last mip level {last_level}, at most {max} for its size")]
+    TooManyLevels {
+        /// The `last_level` field.
+        last_level: u32,
+        /// The last level a full mip chain of this size has.
+        max: u32,
+    },
+    /// RESOURCE_CREATE_3D of a buffer that is not one row, one layer, one level.
+    #[error(
+        "buffer of height {height}, depth {depth}, {array_size} layers, last level {last_level}"
+    )]
+    BufferShape {
+        /// Requested height (must be 1).
+        height: u32,
+        /// Requested depth (must be 1).
+        depth: u32,
+        /// Requested layer count (must be 1).
+        array_size: u32,
+        /// Requested last mip level (must be 0).
+        last_level: u32,
+    },
+    /// A TRANSFER_*_3D box whose far edge overflows u32.
+    #[error("box {0:?} overflows u32")]
+    BoxOverflow(Box3d),
 }
 
 impl DecodeErrorKind {
@@ -228,6 +272,11 @@ impl DecodeErrorKind {
             | ZeroBlobSize
             | UnexpectedEntries { .. }
             | BlobLargerThanBacking { .. }
+            | InvalidTarget(_)
+            | ZeroSize3d { .. }
+            | TooManyLevels { .. }
+            | BufferShape { .. }
+            | BoxOverflow(_)
             | InvalidFormat(_)
             | ZeroSize { .. }
             | RectOverflow(_)
@@ -285,8 +334,8 @@ fn cmd_label(cmd: u32) -> String {
 enum Class {
     /// Decoded here; valid on the given queue.
     Supported(Queue),
-    /// Known, valid on the control queue, not implemented.
-    Unsupported,
+    /// Known, valid on the control queue, decoded only for a virgl device.
+    Virgl,
 }
 
 fn classify(cmd: u32) -> Option<Class> {
@@ -317,7 +366,7 @@ fn classify(cmd: u32) -> Option<Class> {
         }
         VIRTIO_GPU_CMD_RESOURCE_CREATE_3D
         | VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D
-        | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => Class::Unsupported,
+        | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => Class::Virgl,
         _ => return None,
     })
 }
@@ -347,6 +396,10 @@ fn struct_size(cmd: u32) -> usize {
         VIRTIO_GPU_CMD_SUBMIT_3D => CMD_SUBMIT_SIZE,
         VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => RESOURCE_MAP_BLOB_SIZE,
         VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => RESOURCE_UNMAP_BLOB_SIZE,
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_3D => RESOURCE_CREATE_3D_SIZE,
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => {
+            TRANSFER_HOST_3D_SIZE
+        }
         _ => CTRL_HDR_SIZE,
     }
 }
@@ -417,18 +470,38 @@ impl Fields<'_> {
     }
 }
 
-/// Decodes and statically validates one request.
+/// Decodes and statically validates one request for a device without virgl: the virgl
+/// commands are [`DecodeErrorKind::Unsupported`].
 ///
 /// `bytes` are all the device-readable bytes of the descriptor chain, gathered in
 /// order. `limits` bound the memory entry counts and SUBMIT_3D's size; they are checked
 /// before anything is allocated, so a request can make the decoder allocate at most
 /// what its own bytes hold.
 pub fn decode(queue: Queue, bytes: &[u8], limits: DecodeLimits) -> Result<Request, DecodeError> {
+    decode_for(queue, bytes, limits, false)
+}
+
+/// [`decode`] for a device that offers VIRTIO_GPU_F_VIRGL: RESOURCE_CREATE_3D and the
+/// two 3D transfers are decoded too.
+pub fn decode_virgl(
+    queue: Queue,
+    bytes: &[u8],
+    limits: DecodeLimits,
+) -> Result<Request, DecodeError> {
+    decode_for(queue, bytes, limits, true)
+}
+
+fn decode_for(
+    queue: Queue,
+    bytes: &[u8],
+    limits: DecodeLimits,
+    virgl: bool,
+) -> Result<Request, DecodeError> {
     let hdr = CtrlHeader::from_bytes(bytes).ok_or(DecodeError {
         hdr: None,
         kind: DecodeErrorKind::ShortHeader { len: bytes.len() },
     })?;
-    decode_body(queue, hdr, bytes, limits)
+    decode_body(queue, hdr, bytes, limits, virgl)
         .map(|cmd| Request { hdr, cmd })
         .map_err(|kind| DecodeError {
             hdr: Some(hdr),
@@ -441,6 +514,7 @@ fn decode_body(
     hdr: CtrlHeader,
     b: &[u8],
     limits: DecodeLimits,
+    virgl: bool,
 ) -> Result<Command, DecodeErrorKind> {
     let max_backing_entries = limits.max_backing_entries;
     use DecodeErrorKind as E;
@@ -448,12 +522,12 @@ fn decode_body(
     let class = classify(cmd).ok_or(E::UnknownCommand(cmd))?;
     let home = match class {
         Class::Supported(q) => q,
-        Class::Unsupported => Queue::Control,
+        Class::Virgl => Queue::Control,
     };
     if home != queue {
         return Err(E::WrongQueue { cmd, queue });
     }
-    if let Class::Unsupported = class {
+    if matches!(class, Class::Virgl) && !virgl {
         return Err(E::Unsupported(cmd));
     }
     let need = struct_size(cmd);
@@ -637,6 +711,37 @@ fn decode_body(
         VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => Command::ResourceUnmapBlob {
             resource_id: f.resource_id(h)?,
         },
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_3D => decode_create_3d(&f)?,
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D | VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D => {
+            let transfer = TransferHost3d::from_bytes_at(b, h).ok_or_else(|| f.short())?;
+            let resource_id = f.resource_id(h + BOX_SIZE + 8)?;
+            let bx = transfer.bbox;
+            if bx.x.checked_add(bx.w).is_none()
+                || bx.y.checked_add(bx.h).is_none()
+                || bx.z.checked_add(bx.d).is_none()
+            {
+                return Err(E::BoxOverflow(bx));
+            }
+            // As for TRANSFER_TO_HOST_2D: no backing can reach further than this.
+            let max = u64::from(max_backing_entries) * u64::from(u32::MAX);
+            if transfer.offset > max {
+                return Err(E::BadOffset {
+                    offset: transfer.offset,
+                    max,
+                });
+            }
+            if cmd == VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D {
+                Command::TransferToHost3d {
+                    resource_id,
+                    transfer,
+                }
+            } else {
+                Command::TransferFromHost3d {
+                    resource_id,
+                    transfer,
+                }
+            }
+        }
         // classify() and this match list the same supported commands.
         _ => return Err(E::Unsupported(cmd)),
     })
@@ -688,6 +793,63 @@ fn decode_create_blob(
         size,
         entries,
     })
+}
+
+/// RESOURCE_CREATE_3D: what can be checked without the device's limits (those, and the
+/// memory budget, are the resource table's). Formats and bind flags are virglrenderer's
+/// to judge; it knows which the host supports.
+fn decode_create_3d(f: &Fields<'_>) -> Result<Command, DecodeErrorKind> {
+    use DecodeErrorKind as E;
+    let h = CTRL_HDR_SIZE;
+    let resource_id = f.resource_id(h)?;
+    let word = |i: usize| f.u32(h + 4 + 4 * i);
+    let args = Resource3d {
+        target: word(0)?,
+        format: word(1)?,
+        bind: word(2)?,
+        width: word(3)?,
+        height: word(4)?,
+        depth: word(5)?,
+        array_size: word(6)?,
+        last_level: word(7)?,
+        nr_samples: word(8)?,
+        flags: word(9)?,
+    };
+    if args.target > PIPE_TEXTURE_CUBE_ARRAY {
+        return Err(E::InvalidTarget(args.target));
+    }
+    if [args.width, args.height, args.depth, args.array_size].contains(&0) {
+        return Err(E::ZeroSize3d {
+            width: args.width,
+            height: args.height,
+            depth: args.depth,
+            array_size: args.array_size,
+        });
+    }
+    if args.target == PIPE_BUFFER
+        && (args.height, args.depth, args.array_size, args.last_level) != (1, 1, 1, 0)
+    {
+        return Err(E::BufferShape {
+            height: args.height,
+            depth: args.depth,
+            array_size: args.array_size,
+            last_level: args.last_level,
+        });
+    }
+    // A full mip chain ends at 1x1(x1): level floor(log2(largest side)). Only a 3D
+    // texture's depth shrinks with the levels; other targets' layers do not.
+    let mut largest = args.width.max(args.height);
+    if args.target == PIPE_TEXTURE_3D {
+        largest = largest.max(args.depth);
+    }
+    let max = largest.checked_ilog2().unwrap_or(0);
+    if args.last_level > max {
+        return Err(E::TooManyLevels {
+            last_level: args.last_level,
+            max,
+        });
+    }
+    Ok(Command::ResourceCreate3d { resource_id, args })
 }
 
 /// Reads `n` memory entries that start at byte `base` of `b`.
@@ -1941,6 +2103,345 @@ mod tests {
         }
     }
 
+    fn virgl(q: Queue, b: &[u8]) -> Result<Request, DecodeError> {
+        super::decode_virgl(
+            q,
+            b,
+            DecodeLimits {
+                max_backing_entries: MAX,
+                max_submit_bytes: SUBMIT_MAX,
+            },
+        )
+    }
+
+    /// RESOURCE_CREATE_3D with these fields, padding 0.
+    fn create_3d(words: [u32; 11]) -> Vec<u8> {
+        with(with(hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_3D), &words), &[0])
+    }
+
+    fn transfer_3d(cmd: u32, bx: [u32; 6], offset: u64, tail: [u32; 4]) -> Vec<u8> {
+        let mut b = with(hdr(cmd), &bx);
+        b.extend_from_slice(&offset.to_le_bytes());
+        with(b, &tail)
+    }
+
+    #[test]
+    fn virgl_commands_only_with_virgl() {
+        let c = create_3d([5, 2, 2, 2, 64, 64, 1, 1, 0, 0, 0]);
+        let t = transfer_3d(
+            VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D,
+            [0, 0, 0, 64, 64, 1],
+            0,
+            [5, 0, 0, 0],
+        );
+        let f = transfer_3d(
+            VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D,
+            [0, 0, 0, 64, 64, 1],
+            0,
+            [5, 0, 0, 0],
+        );
+        for b in [&c, &t, &f] {
+            let e = decode(Queue::Control, b, MAX).unwrap_err();
+            assert!(e.is_unsupported(), "{e}");
+            assert_eq!(e.error_code(), ErrorCode::Unspec);
+            assert!(virgl(Queue::Control, b).is_ok());
+            // Still control commands only.
+            assert!(matches!(
+                virgl(Queue::Cursor, b).unwrap_err().kind,
+                DecodeErrorKind::WrongQueue { .. }
+            ));
+        }
+        // Everything else decodes the same way in both modes.
+        let b = with(hdr(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D), &[5, 2, 640, 480]);
+        assert_eq!(decode(Queue::Control, &b, MAX), virgl(Queue::Control, &b));
+    }
+
+    #[test]
+    fn resource_create_3d() {
+        let r = virgl(
+            Queue::Control,
+            &create_3d([5, 2, 2, 2, 64, 32, 1, 1, 6, 0, 1]),
+        )
+        .unwrap();
+        assert_eq!(
+            r.cmd,
+            Command::ResourceCreate3d {
+                resource_id: 5,
+                args: Resource3d {
+                    target: PIPE_TEXTURE_2D,
+                    format: 2,
+                    bind: 2,
+                    width: 64,
+                    height: 32,
+                    depth: 1,
+                    array_size: 1,
+                    last_level: 6,
+                    nr_samples: 0,
+                    flags: 1,
+                },
+            }
+        );
+        // A buffer: bytes wide, one row, layer and level.
+        assert!(virgl(
+            Queue::Control,
+            &create_3d([6, PIPE_BUFFER, 0, 1, 1 << 20, 1, 1, 1, 0, 0, 0])
+        )
+        .is_ok());
+        // A 3D texture's depth counts for its mip chain; an array's layers do not.
+        assert!(virgl(
+            Queue::Control,
+            &create_3d([7, PIPE_TEXTURE_3D, 2, 0, 4, 4, 64, 1, 6, 0, 0])
+        )
+        .is_ok());
+        assert!(virgl(
+            Queue::Control,
+            &create_3d([7, PIPE_TEXTURE_2D_ARRAY, 2, 0, 4, 4, 1, 64, 2, 0, 0])
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn resource_create_3d_rejects() {
+        use DecodeErrorKind as K;
+        let cases = [
+            (
+                [0, 2, 2, 2, 64, 64, 1, 1, 0, 0, 0],
+                K::ZeroResourceId {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+                },
+                ErrorCode::InvalidResourceId,
+            ),
+            (
+                [5, 9, 2, 2, 64, 64, 1, 1, 0, 0, 0],
+                K::InvalidTarget(9),
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, u32::MAX, 2, 2, 64, 64, 1, 1, 0, 0, 0],
+                K::InvalidTarget(u32::MAX),
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, 2, 2, 2, 64, 64, 0, 1, 0, 0, 0],
+                K::ZeroSize3d {
+                    width: 64,
+                    height: 64,
+                    depth: 0,
+                    array_size: 1,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, 2, 2, 2, 0, 64, 1, 1, 0, 0, 0],
+                K::ZeroSize3d {
+                    width: 0,
+                    height: 64,
+                    depth: 1,
+                    array_size: 1,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, 2, 2, 2, 64, 64, 1, 0, 0, 0, 0],
+                K::ZeroSize3d {
+                    width: 64,
+                    height: 64,
+                    depth: 1,
+                    array_size: 0,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            // 64x32: levels 0 (64x32) to 6 (1x1).
+            (
+                [5, 2, 2, 2, 64, 32, 1, 1, 7, 0, 0],
+                K::TooManyLevels {
+                    last_level: 7,
+                    max: 6,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, 2, 2, 2, 1, 1, 1, 1, u32::MAX, 0, 0],
+                K::TooManyLevels {
+                    last_level: u32::MAX,
+                    max: 0,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            // An array's layers do not make the chain longer.
+            (
+                [5, PIPE_TEXTURE_2D_ARRAY, 2, 0, 4, 4, 1, 64, 3, 0, 0],
+                K::TooManyLevels {
+                    last_level: 3,
+                    max: 2,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, PIPE_BUFFER, 0, 1, 4096, 2, 1, 1, 0, 0, 0],
+                K::BufferShape {
+                    height: 2,
+                    depth: 1,
+                    array_size: 1,
+                    last_level: 0,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+            (
+                [5, PIPE_BUFFER, 0, 1, 4096, 1, 1, 1, 1, 0, 0],
+                K::BufferShape {
+                    height: 1,
+                    depth: 1,
+                    array_size: 1,
+                    last_level: 1,
+                },
+                ErrorCode::InvalidParameter,
+            ),
+        ];
+        for (words, kind, code) in cases {
+            let e = virgl(Queue::Control, &create_3d(words)).unwrap_err();
+            assert_eq!(e.kind, kind, "{words:?}");
+            assert_eq!(e.error_code(), code, "{words:?}");
+            assert!(e.header().is_some());
+        }
+        let full = create_3d([5, 2, 2, 2, 64, 64, 1, 1, 0, 0, 0]);
+        for len in CTRL_HDR_SIZE..RESOURCE_CREATE_3D_SIZE {
+            assert_eq!(
+                virgl(Queue::Control, &full[..len]).unwrap_err().kind,
+                DecodeErrorKind::ShortBody {
+                    cmd: VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+                    need: RESOURCE_CREATE_3D_SIZE,
+                    got: len
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn transfers_3d() {
+        for cmd in [
+            VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D,
+            VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D,
+        ] {
+            let b = transfer_3d(cmd, [1, 2, 3, 4, 5, 6], 0x1000, [9, 1, 256, 4096]);
+            let transfer = TransferHost3d {
+                bbox: Box3d {
+                    x: 1,
+                    y: 2,
+                    z: 3,
+                    w: 4,
+                    h: 5,
+                    d: 6,
+                },
+                offset: 0x1000,
+                level: 1,
+                stride: 256,
+                layer_stride: 4096,
+            };
+            let want = if cmd == VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D {
+                Command::TransferToHost3d {
+                    resource_id: 9,
+                    transfer,
+                }
+            } else {
+                Command::TransferFromHost3d {
+                    resource_id: 9,
+                    transfer,
+                }
+            };
+            assert_eq!(virgl(Queue::Control, &b).unwrap().cmd, want);
+
+            let e = virgl(
+                Queue::Control,
+                &transfer_3d(cmd, [0, 0, 0, 1, 1, 1], 0, [0, 0, 0, 0]),
+            )
+            .unwrap_err();
+            assert_eq!(e.kind, DecodeErrorKind::ZeroResourceId { cmd });
+            assert_eq!(e.error_code(), ErrorCode::InvalidResourceId);
+
+            for bx in [
+                [u32::MAX, 0, 0, 1, 1, 1],
+                [0, u32::MAX, 0, 1, 1, 1],
+                [0, 0, u32::MAX, 1, 1, 1],
+                [1, 0, 0, u32::MAX, 1, 1],
+                [0, 1, 0, 1, u32::MAX, 1],
+                [0, 0, 1, 1, 1, u32::MAX],
+            ] {
+                let e = virgl(Queue::Control, &transfer_3d(cmd, bx, 0, [9, 0, 0, 0])).unwrap_err();
+                assert!(
+                    matches!(e.kind, DecodeErrorKind::BoxOverflow(_)),
+                    "{bx:?}: {e}"
+                );
+                assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+            }
+            // The largest box that does not overflow is the executor's to judge.
+            assert!(virgl(
+                Queue::Control,
+                &transfer_3d(
+                    cmd,
+                    [1, 1, 1, u32::MAX - 1, u32::MAX - 1, u32::MAX - 1],
+                    0,
+                    [9, 0, 0, 0]
+                )
+            )
+            .is_ok());
+
+            let e = virgl(
+                Queue::Control,
+                &transfer_3d(cmd, [0, 0, 0, 1, 1, 1], u64::MAX, [9, 0, 0, 0]),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.kind,
+                DecodeErrorKind::BadOffset {
+                    offset: u64::MAX,
+                    max: u64::from(MAX) * u64::from(u32::MAX)
+                }
+            );
+            assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+
+            let full = transfer_3d(cmd, [0, 0, 0, 1, 1, 1], 0, [9, 0, 0, 0]);
+            for len in CTRL_HDR_SIZE..TRANSFER_HOST_3D_SIZE {
+                assert_eq!(
+                    virgl(Queue::Control, &full[..len]).unwrap_err().kind,
+                    DecodeErrorKind::ShortBody {
+                        cmd,
+                        need: TRANSFER_HOST_3D_SIZE,
+                        got: len
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn error_codes_of_3d_kinds() {
+        use DecodeErrorKind as K;
+        for k in [
+            K::InvalidTarget(9),
+            K::ZeroSize3d {
+                width: 0,
+                height: 1,
+                depth: 1,
+                array_size: 1,
+            },
+            K::TooManyLevels {
+                last_level: 1,
+                max: 0,
+            },
+            K::BufferShape {
+                height: 2,
+                depth: 1,
+                array_size: 1,
+                last_level: 0,
+            },
+            K::BoxOverflow(Box3d::default()),
+        ] {
+            assert_eq!(k.error_code(), ErrorCode::InvalidParameter, "{k}");
+            assert!(!k.to_string().is_empty());
+        }
+    }
+
     mod proptests {
         use super::*;
         use proptest::prelude::*;
@@ -2111,6 +2612,88 @@ mod tests {
             ]
         }
 
+        fn arb_virgl_cmd() -> impl Strategy<Value = Command> {
+            let create = (
+                1u32..,
+                (0..=PIPE_TEXTURE_CUBE_ARRAY, any::<u32>(), any::<u32>()),
+                (1u32..=4096, 1u32..=4096, 1u32..=64, 1u32..=64),
+                (0u32..=3, any::<u32>(), any::<u32>()),
+            )
+                .prop_map(
+                    |(
+                        resource_id,
+                        (target, format, bind),
+                        (w, h, d, a),
+                        (lvl, nr_samples, flags),
+                    )| {
+                        let buffer = target == PIPE_BUFFER;
+                        let (height, depth, array_size) =
+                            if buffer { (1, 1, 1) } else { (h, d, a) };
+                        let mut largest = w.max(height);
+                        if target == PIPE_TEXTURE_3D {
+                            largest = largest.max(depth);
+                        }
+                        let last_level = if buffer { 0 } else { lvl.min(largest.ilog2()) };
+                        Command::ResourceCreate3d {
+                            resource_id,
+                            args: Resource3d {
+                                target,
+                                format,
+                                bind,
+                                width: w,
+                                height,
+                                depth,
+                                array_size,
+                                last_level,
+                                nr_samples,
+                                flags,
+                            },
+                        }
+                    },
+                );
+            let side = || (0u32..1 << 31, 0u32..1 << 31);
+            let transfer = (
+                1u32..,
+                side(),
+                side(),
+                side(),
+                0u64..1 << 36,
+                any::<[u32; 3]>(),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(
+                        resource_id,
+                        (x, w),
+                        (y, h),
+                        (z, d),
+                        offset,
+                        [level, stride, layer_stride],
+                        to_host,
+                    )| {
+                        let transfer = TransferHost3d {
+                            bbox: Box3d { x, y, z, w, h, d },
+                            offset,
+                            level,
+                            stride,
+                            layer_stride,
+                        };
+                        if to_host {
+                            Command::TransferToHost3d {
+                                resource_id,
+                                transfer,
+                            }
+                        } else {
+                            Command::TransferFromHost3d {
+                                resource_id,
+                                transfer,
+                            }
+                        }
+                    },
+                );
+            prop_oneof![create, transfer]
+        }
+
         proptest! {
             #[test]
             fn never_panics_on_arbitrary_bytes(
@@ -2163,6 +2746,38 @@ mod tests {
                     cmd,
                 };
                 prop_assert_eq!(decode(q, &req.encode(), 64), Ok(req));
+            }
+
+            #[test]
+            fn virgl_requests_roundtrip(
+                cmd in arb_virgl_cmd(),
+                fence in any::<u64>(),
+                ctx_id in any::<u32>(),
+                cut in any::<usize>(),
+            ) {
+                let req = Request {
+                    hdr: CtrlHeader {
+                        type_: cmd.cmd_type(),
+                        flags: VIRTIO_GPU_FLAG_FENCE,
+                        fence_id: fence,
+                        ctx_id,
+                        ..CtrlHeader::default()
+                    },
+                    cmd,
+                };
+                let b = req.encode();
+                prop_assert_eq!(virgl(Queue::Control, &b), Ok(req));
+                // Without virgl the same bytes are unsupported, never misread.
+                let e = decode(Queue::Control, &b, 64).unwrap_err();
+                prop_assert!(e.is_unsupported());
+                // Any truncation is refused as a short body.
+                let short = &b[..cut % b.len()];
+                let e = virgl(Queue::Control, short).unwrap_err();
+                let short_ok = matches!(
+                    e.kind,
+                    DecodeErrorKind::ShortBody { .. } | DecodeErrorKind::ShortHeader { .. }
+                );
+                prop_assert!(short_ok, "{}", e);
             }
 
             #[test]

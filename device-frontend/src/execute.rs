@@ -93,6 +93,21 @@ impl Control {
                 resource_id,
                 rect,
                 offset,
+            } if self.resources.get(resource_id).is_ok_and(|r| r.is_3d()) => {
+                // The Linux driver updates its dumb buffers (RESOURCE_CREATE_3D ones in
+                // virgl mode) with the 2D command; it is the 3D transfer of that box.
+                let transfer = crate::virgl::transfer_of_rect(&rect, offset);
+                self.transfer_3d(
+                    &req.hdr,
+                    resource_id,
+                    transfer,
+                    crate::virgl::Direction::ToHost,
+                )
+            }
+            Command::TransferToHost2d {
+                resource_id,
+                rect,
+                offset,
             } => {
                 if let Err(code) = self.resources.check_transfer(resource_id, &rect, offset) {
                     return Ok(Err(code));
@@ -111,6 +126,9 @@ impl Control {
                 rect,
             } => self.set_scanout(scanout_id, resource_id, rect, fence),
             Command::ResourceFlush { resource_id, rect } => self.flush(resource_id, rect, fence),
+            cmd @ (Command::ResourceCreate3d { .. }
+            | Command::TransferToHost3d { .. }
+            | Command::TransferFromHost3d { .. }) => self.virgl_command(&req.hdr, cmd),
             Command::UpdateCursor {
                 pos,
                 resource_id,
@@ -246,6 +264,12 @@ impl Control {
         if rect.is_empty() {
             return Ok(Err(ErrorCode::InvalidParameter));
         }
+        let Some(format) = resource.pixel_format() else {
+            crate::guest_warn!(
+                "SET_SCANOUT of resource {resource_id}: not a 2D texture in a 4-byte format"
+            );
+            return Ok(Err(ErrorCode::InvalidParameter));
+        };
         let stride = resource.width * 4;
         let s = &self.scanouts[scanout_id as usize];
         let reuse = s.resource_id == resource_id
@@ -269,7 +293,7 @@ impl Control {
         let s = &mut self.scanouts[scanout_id as usize];
         s.resource_id = resource_id;
         s.rect = rect;
-        s.format = resource.format;
+        s.format = format;
         s.blob = None;
         self.request(
             RendererOp::FlushToScanout { scanout_id, rect },
@@ -338,8 +362,11 @@ impl Control {
             }
             return Ok(Ok(Some(Response::OkNodata)));
         }
-        let format = match self.resources.get(resource_id) {
-            Ok(r) => r.format,
+        let format = match self.resources.get(resource_id).map(|r| r.pixel_format()) {
+            Ok(Some(format)) => format,
+            // The image is read as 4-byte pixels; a blob or a 3D resource of any other
+            // shape or format has none to read.
+            Ok(None) => return Ok(Err(ErrorCode::InvalidParameter)),
             Err(code) => return Ok(Err(code)),
         };
         self.request(
@@ -394,7 +421,8 @@ impl Control {
             After::Nothing
             | After::Created { .. }
             | After::Attached { .. }
-            | After::BlobCreated { .. } => Ok(None),
+            | After::BlobCreated { .. }
+            | After::ContextCreated { .. } => Ok(None),
             After::Respond => match body {
                 ReplyBody::CapsetInfo {
                     capset_id,
@@ -464,6 +492,7 @@ impl Control {
                 let _ = self.resources.detach_backing(resource_id);
             }
             After::BlobCreated { resource_id } => self.forget_blob(resource_id),
+            After::ContextCreated { ctx_id } => self.forget_context(ctx_id),
             After::BlobMap { .. } | After::BlobUnmap { .. } | After::BlobFinalize { .. } => {
                 if let Err(e) = self.on_blob_reply(after, Err(())) {
                     log::error!("blob reply: {e}");

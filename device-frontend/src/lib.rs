@@ -20,6 +20,7 @@ pub mod renderer_link;
 pub mod resources;
 mod sandbox;
 pub mod scanout;
+mod virgl;
 pub mod vmm_requests;
 
 use std::os::fd::{FromRawFd, OwnedFd};

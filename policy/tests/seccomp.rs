@@ -31,7 +31,7 @@ fn child_entry() {
             std::process::exit(SURVIVED)
         }
         ["allowed", r, what] => {
-            jail(role(r), ViolationAction::Kill);
+            jail(common::filter(r), ViolationAction::Kill);
             attempt(what);
             std::process::exit(0)
         }
@@ -246,12 +246,16 @@ fn argument_checks_refuse_the_dangerous_forms() {
 }
 
 #[test]
-fn frontend_cannot_map_executable_memory_renderer_can() {
+fn only_the_virgl_renderer_can_map_executable_memory() {
     assert_trapped(
         &forbidden("device-frontend", "trap", "mmap_exec"),
         "device-frontend: seccomp violation: syscall 9 (mmap)",
     );
-    assert_success(&run_child("allowed:renderer-worker:mmap_exec"));
+    assert_trapped(
+        &forbidden("renderer-worker", "trap", "mmap_exec"),
+        "renderer-worker: seccomp violation: syscall 9 (mmap)",
+    );
+    assert_success(&run_child("allowed:renderer-worker-virgl:mmap_exec"));
 }
 
 #[test]

@@ -58,6 +58,12 @@ pub struct DeviceConfig {
     pub num_capsets: u32,
     /// Largest SUBMIT_3D command stream accepted, in bytes.
     pub max_submit_bytes: u32,
+    /// The renderer is virglrenderer (VIRTIO_GPU_F_VIRGL, virgl capsets, 3D commands)
+    /// instead of rutabaga's 2D and cross-domain components.
+    pub virgl: bool,
+    /// The DRM render node the virgl renderer uses instead of a surfaceless (software)
+    /// display; opened by the renderer before its jail, never by the frontend.
+    pub render_node: Option<String>,
 }
 
 /// Largest host-visible region accepted (the VMM reserves this much address space).
@@ -80,6 +86,8 @@ impl Default for DeviceConfig {
             hostmem: None,
             num_capsets: 0,
             max_submit_bytes: 1 << 20,
+            virgl: false,
+            render_node: None,
         }
     }
 }

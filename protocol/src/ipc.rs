@@ -211,6 +211,28 @@ pub enum RendererOp {
         /// The command stream, copied out of guest memory (bounded by the frontend).
         commands: Vec<u8>,
     },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_3D (virgl renderer only).
+    CreateResource3d {
+        /// Guest-chosen resource id (never 0).
+        resource_id: u32,
+        /// What to create.
+        args: Resource3d,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D: from the backing into the resource.
+    TransferToHost3d {
+        /// The resource.
+        resource_id: u32,
+        /// Where.
+        transfer: Transfer3d,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D: from the resource into its backing (guest
+    /// memory).
+    TransferFromHost3d {
+        /// The resource.
+        resource_id: u32,
+        /// Where.
+        transfer: Transfer3d,
+    },
     /// VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB.
     CreateBlob {
         /// Context that owns the blob (0 for BLOB_MEM_GUEST).
@@ -297,6 +319,109 @@ impl ForbiddenSyscall {
             _ => None,
         }
     }
+}
+
+/// The arguments of VIRTIO_GPU_CMD_RESOURCE_CREATE_3D (a virgl resource), as the guest
+/// gave them; the frontend has bounded the sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource3d {
+    /// PIPE_TEXTURE_* / PIPE_BUFFER target.
+    pub target: u32,
+    /// VIRGL_FORMAT_*.
+    pub format: u32,
+    /// VIRGL_BIND_* flags.
+    pub bind: u32,
+    /// Width in pixels (bytes for a buffer).
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Depth (3D textures).
+    pub depth: u32,
+    /// Array layers.
+    pub array_size: u32,
+    /// Highest mip level.
+    pub last_level: u32,
+    /// Samples per pixel (0 or 1: none).
+    pub nr_samples: u32,
+    /// VIRTIO_GPU_RESOURCE_FLAG_*.
+    pub flags: u32,
+}
+
+impl Resource3d {
+    /// Bytes per texel a texture is charged at: the widest format (four 32-bit channels),
+    /// since only the renderer knows the real one and no format may get past the budget.
+    pub const CHARGED_BYTES_PER_TEXEL: u64 = 16;
+
+    /// Whether it is a buffer (PIPE_BUFFER), whose width is in bytes.
+    pub fn is_buffer(&self) -> bool {
+        self.target == crate::virtio_gpu::PIPE_BUFFER
+    }
+
+    /// Whether every extent is at least 1 and within `max_dimension`; a buffer's width is
+    /// a byte count, bounded by the memory budget instead (vertex buffers of megabytes
+    /// are ordinary).
+    pub fn extents_within(&self, max_dimension: u32) -> bool {
+        let width_max = if self.is_buffer() {
+            u32::MAX
+        } else {
+            max_dimension
+        };
+        self.width >= 1
+            && self.width <= width_max
+            && [self.height, self.depth, self.array_size]
+                .iter()
+                .all(|&d| d >= 1 && d <= max_dimension)
+    }
+
+    /// The host bytes it is charged against the per-VM budget: a buffer its width; a
+    /// texture every texel of every layer at [`Resource3d::CHARGED_BYTES_PER_TEXEL`],
+    /// doubled with mip levels (a full chain adds at most a third). None on overflow.
+    pub fn host_bytes(&self) -> Option<u64> {
+        if self.is_buffer() {
+            return Some(u64::from(self.width));
+        }
+        let mips = if self.last_level > 0 { 2 } else { 1 };
+        [self.width, self.height, self.depth, self.array_size]
+            .iter()
+            .try_fold(Self::CHARGED_BYTES_PER_TEXEL * mips, |acc, &d| {
+                acc.checked_mul(u64::from(d))
+            })
+    }
+}
+
+/// A box inside a 3D resource (struct virtio_gpu_box).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Box3d {
+    /// Left edge.
+    pub x: u32,
+    /// Top edge.
+    pub y: u32,
+    /// Front layer.
+    pub z: u32,
+    /// Width.
+    pub w: u32,
+    /// Height.
+    pub h: u32,
+    /// Depth.
+    pub d: u32,
+}
+
+/// The arguments of TRANSFER_TO_HOST_3D / TRANSFER_FROM_HOST_3D: `bbox` of mip `level`
+/// between the resource and its backing, starting at byte `offset` of the backing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer3d {
+    /// Context the transfer runs in (the header's ctx_id; 0 for none).
+    pub ctx_id: u32,
+    /// The box.
+    pub bbox: Box3d,
+    /// Byte offset in the backing.
+    pub offset: u64,
+    /// Mip level.
+    pub level: u32,
+    /// Bytes per row in the backing (0: the resource's own).
+    pub stride: u32,
+    /// Bytes per layer in the backing (0: the resource's own).
+    pub layer_stride: u32,
 }
 
 /// What a successful reply carries.

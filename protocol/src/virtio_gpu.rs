@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ipc::BackingEntry;
+use crate::ipc::{BackingEntry, Box3d, Resource3d};
 
 // ---------------------------------------------------------------------------------------
 // Feature bits.
@@ -177,6 +177,27 @@ pub const VIRTIO_GPU_MAP_CACHE_WC: u32 = 0x03;
 /// Shared memory region id of the host-visible blob window.
 pub const VIRTIO_GPU_SHM_ID_HOST_VISIBLE: u8 = 1;
 
+// Gallium texture targets (enum pipe_texture_target), the `target` of RESOURCE_CREATE_3D.
+
+/// PIPE_BUFFER: a buffer; its width is in bytes.
+pub const PIPE_BUFFER: u32 = 0;
+/// PIPE_TEXTURE_1D.
+pub const PIPE_TEXTURE_1D: u32 = 1;
+/// PIPE_TEXTURE_2D: what the Linux driver creates for framebuffers in virgl mode.
+pub const PIPE_TEXTURE_2D: u32 = 2;
+/// PIPE_TEXTURE_3D: the only target whose `depth` is a mip-mapped dimension.
+pub const PIPE_TEXTURE_3D: u32 = 3;
+/// PIPE_TEXTURE_CUBE.
+pub const PIPE_TEXTURE_CUBE: u32 = 4;
+/// PIPE_TEXTURE_RECT.
+pub const PIPE_TEXTURE_RECT: u32 = 5;
+/// PIPE_TEXTURE_1D_ARRAY.
+pub const PIPE_TEXTURE_1D_ARRAY: u32 = 6;
+/// PIPE_TEXTURE_2D_ARRAY.
+pub const PIPE_TEXTURE_2D_ARRAY: u32 = 7;
+/// PIPE_TEXTURE_CUBE_ARRAY: the highest target.
+pub const PIPE_TEXTURE_CUBE_ARRAY: u32 = 8;
+
 // ---------------------------------------------------------------------------------------
 // Struct sizes in bytes (header included where the struct embeds one).
 
@@ -243,6 +264,14 @@ pub const RESOURCE_MAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 16;
 pub const RESP_MAP_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
 /// struct virtio_gpu_resource_unmap_blob.
 pub const RESOURCE_UNMAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// struct virtio_gpu_resource_create_3d: resource_id, target, format, bind, width,
+/// height, depth, array_size, last_level, nr_samples, flags, padding.
+pub const RESOURCE_CREATE_3D_SIZE: usize = CTRL_HDR_SIZE + 48;
+/// struct virtio_gpu_box: x, y, z, w, h, d.
+pub const BOX_SIZE: usize = 24;
+/// struct virtio_gpu_transfer_host_3d (TRANSFER_TO_HOST_3D and TRANSFER_FROM_HOST_3D):
+/// box, offset (u64), resource_id, level, stride, layer_stride.
+pub const TRANSFER_HOST_3D_SIZE: usize = CTRL_HDR_SIZE + BOX_SIZE + 8 + 16;
 
 // ---------------------------------------------------------------------------------------
 // Little-endian field access. Callers check lengths first; these return None rather than
@@ -629,6 +658,55 @@ pub struct CursorPos {
     pub y: u32,
 }
 
+/// The fields of struct virtio_gpu_transfer_host_3d besides the header and the resource
+/// id: which box of which mip level moves, and where its bytes lie in the backing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferHost3d {
+    /// The box in the resource (struct virtio_gpu_box), in texels of mip `level`; for
+    /// array and cube targets `z` and `d` count layers.
+    pub bbox: Box3d,
+    /// Byte offset in the backing of the box's first byte.
+    pub offset: u64,
+    /// Mip level.
+    pub level: u32,
+    /// Bytes per row in the backing; 0 means the renderer's own for the format.
+    pub stride: u32,
+    /// Bytes per layer (or depth slice) in the backing; 0 means the renderer's own.
+    pub layer_stride: u32,
+}
+
+impl TransferHost3d {
+    /// Parses the struct from its body, which starts (with the box) at byte `off` of
+    /// `b`; the resource id at `off + 32` is not part of it. None if `b` is too short.
+    pub fn from_bytes_at(b: &[u8], off: usize) -> Option<TransferHost3d> {
+        let word = |i: usize| read_le_u32(b, off.checked_add(i)?);
+        Some(TransferHost3d {
+            bbox: Box3d {
+                x: word(0)?,
+                y: word(4)?,
+                z: word(8)?,
+                w: word(12)?,
+                h: word(16)?,
+                d: word(20)?,
+            },
+            offset: read_le_u64(b, off.checked_add(BOX_SIZE)?)?,
+            level: word(36)?,
+            stride: word(40)?,
+            layer_stride: word(44)?,
+        })
+    }
+
+    /// The box's wire form (struct virtio_gpu_box).
+    pub fn bbox_bytes(&self) -> [u8; BOX_SIZE] {
+        let b = &self.bbox;
+        let mut out = [0u8; BOX_SIZE];
+        for (i, v) in [b.x, b.y, b.z, b.w, b.h, b.d].into_iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+}
+
 /// A decoded guest command. Variants carry the fields of the matching
 /// `struct virtio_gpu_*`, minus header and padding.
 ///
@@ -791,6 +869,30 @@ pub enum Command {
         /// The context-specific command stream, opaque to the device frontend.
         commands: Vec<u8>,
     },
+    /// VIRTIO_GPU_CMD_RESOURCE_CREATE_3D (struct virtio_gpu_resource_create_3d): a virgl
+    /// resource. Resources are global; the header's `ctx_id` plays no part.
+    ResourceCreate3d {
+        /// New resource's id (non-zero).
+        resource_id: u32,
+        /// Target, format, bind flags, size, mip levels, samples and flags.
+        args: Resource3d,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D: from the backing into the resource, in the
+    /// header's `ctx_id` (0: none).
+    TransferToHost3d {
+        /// The resource (non-zero).
+        resource_id: u32,
+        /// Which part, and where it lies in the backing.
+        transfer: TransferHost3d,
+    },
+    /// VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D: from the resource into its backing, in the
+    /// header's `ctx_id` (0: none).
+    TransferFromHost3d {
+        /// The resource (non-zero).
+        resource_id: u32,
+        /// Which part, and where it goes in the backing.
+        transfer: TransferHost3d,
+    },
     /// VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB.
     ResourceMapBlob {
         /// Mappable blob resource (non-zero).
@@ -830,6 +932,9 @@ impl Command {
             Command::CtxAttachResource { .. } => VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE,
             Command::CtxDetachResource { .. } => VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE,
             Command::Submit3d { .. } => VIRTIO_GPU_CMD_SUBMIT_3D,
+            Command::ResourceCreate3d { .. } => VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+            Command::TransferToHost3d { .. } => VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D,
+            Command::TransferFromHost3d { .. } => VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D,
             Command::ResourceMapBlob { .. } => VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
             Command::ResourceUnmapBlob { .. } => VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
         }
@@ -993,6 +1098,43 @@ impl Request {
                 put(*resource_id);
                 put(0);
                 out.extend_from_slice(&offset.to_le_bytes());
+            }
+            Command::ResourceCreate3d { resource_id, args } => {
+                for v in [
+                    *resource_id,
+                    args.target,
+                    args.format,
+                    args.bind,
+                    args.width,
+                    args.height,
+                    args.depth,
+                    args.array_size,
+                    args.last_level,
+                    args.nr_samples,
+                    args.flags,
+                    0,
+                ] {
+                    put(v);
+                }
+            }
+            Command::TransferToHost3d {
+                resource_id,
+                transfer,
+            }
+            | Command::TransferFromHost3d {
+                resource_id,
+                transfer,
+            } => {
+                out.extend_from_slice(&transfer.bbox_bytes());
+                out.extend_from_slice(&transfer.offset.to_le_bytes());
+                for v in [
+                    *resource_id,
+                    transfer.level,
+                    transfer.stride,
+                    transfer.layer_stride,
+                ] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
             Command::UpdateCursor {
                 pos,
@@ -1532,6 +1674,93 @@ mod tests {
             (Some(2), Some(1))
         );
         assert!(!Command::Submit3d { commands: vec![] }.is_cursor());
+    }
+
+    #[test]
+    fn three_d_request_layouts() {
+        let args = Resource3d {
+            target: PIPE_TEXTURE_2D,
+            format: 2,
+            bind: 2,
+            width: 64,
+            height: 32,
+            depth: 1,
+            array_size: 1,
+            last_level: 0,
+            nr_samples: 0,
+            flags: 1,
+        };
+        let b = Request {
+            hdr: CtrlHeader::default(),
+            cmd: Command::ResourceCreate3d {
+                resource_id: 5,
+                args,
+            },
+        }
+        .encode();
+        assert_eq!(b.len(), RESOURCE_CREATE_3D_SIZE);
+        assert_eq!(read_le_u32(&b, 0), Some(VIRTIO_GPU_CMD_RESOURCE_CREATE_3D));
+        let words: Vec<u32> = (24..72)
+            .step_by(4)
+            .map(|o| read_le_u32(&b, o).unwrap())
+            .collect();
+        assert_eq!(words, [5, 2, 2, 2, 64, 32, 1, 1, 0, 0, 1, 0]);
+
+        let transfer = TransferHost3d {
+            bbox: Box3d {
+                x: 1,
+                y: 2,
+                z: 3,
+                w: 4,
+                h: 5,
+                d: 6,
+            },
+            offset: 0x1_0000_0007,
+            level: 8,
+            stride: 9,
+            layer_stride: 10,
+        };
+        for (cmd, t) in [
+            (
+                Command::TransferToHost3d {
+                    resource_id: 11,
+                    transfer,
+                },
+                VIRTIO_GPU_CMD_TRANSFER_TO_HOST_3D,
+            ),
+            (
+                Command::TransferFromHost3d {
+                    resource_id: 11,
+                    transfer,
+                },
+                VIRTIO_GPU_CMD_TRANSFER_FROM_HOST_3D,
+            ),
+        ] {
+            assert_eq!(cmd.cmd_type(), t);
+            let b = Request {
+                hdr: CtrlHeader::default(),
+                cmd,
+            }
+            .encode();
+            assert_eq!(b.len(), TRANSFER_HOST_3D_SIZE);
+            assert_eq!(read_le_u32(&b, 0), Some(t));
+            let words: Vec<u32> = (24..48)
+                .step_by(4)
+                .map(|o| read_le_u32(&b, o).unwrap())
+                .collect();
+            assert_eq!(words, [1, 2, 3, 4, 5, 6]);
+            assert_eq!(read_le_u64(&b, 48), Some(0x1_0000_0007));
+            assert_eq!(read_le_u32(&b, 56), Some(11));
+            assert_eq!(read_le_u32(&b, 60), Some(8));
+            assert_eq!(read_le_u32(&b, 64), Some(9));
+            assert_eq!(read_le_u32(&b, 68), Some(10));
+            assert_eq!(
+                TransferHost3d::from_bytes_at(&b, CTRL_HDR_SIZE),
+                Some(transfer)
+            );
+            assert_eq!(TransferHost3d::from_bytes_at(&b[..71], CTRL_HDR_SIZE), None);
+            assert_eq!(TransferHost3d::from_bytes_at(&b, usize::MAX), None);
+        }
     }
 
     #[test]

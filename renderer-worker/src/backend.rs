@@ -7,7 +7,7 @@
 
 use std::os::fd::OwnedFd;
 
-use protocol::ipc::{FenceInfo, RenderError};
+use protocol::ipc::{FenceInfo, RenderError, Resource3d, Transfer3d};
 use protocol::virtio_gpu::Rect;
 
 use crate::guest_memory::Backing;
@@ -172,4 +172,47 @@ pub trait Renderer {
         offset: u64,
         dst: &mut [u8],
     ) -> Result<(), RenderError>;
+
+    /// Creates a 3D (virgl) resource. Only a 3D renderer has them.
+    fn create_resource_3d(
+        &mut self,
+        resource_id: u32,
+        args: Resource3d,
+    ) -> Result<(), RenderError> {
+        let _ = (resource_id, args);
+        Err(no_3d("RESOURCE_CREATE_3D"))
+    }
+
+    /// Copies a box from the resource's backing into the resource (TRANSFER_TO_HOST_3D).
+    fn transfer_to_host_3d(
+        &mut self,
+        resource_id: u32,
+        transfer: Transfer3d,
+    ) -> Result<(), RenderError> {
+        let _ = (resource_id, transfer);
+        Err(no_3d("TRANSFER_TO_HOST_3D"))
+    }
+
+    /// Copies a box of the resource into its backing (TRANSFER_FROM_HOST_3D).
+    fn transfer_from_host_3d(
+        &mut self,
+        resource_id: u32,
+        transfer: Transfer3d,
+    ) -> Result<(), RenderError> {
+        let _ = (resource_id, transfer);
+        Err(no_3d("TRANSFER_FROM_HOST_3D"))
+    }
+
+    /// Lets asynchronous work report its fences; true while some fence is still pending
+    /// (the executor then polls again soon instead of blocking on the next request).
+    /// Synchronous backends signal every fence inside [`Renderer::create_fence`].
+    fn poll_fences(&mut self) -> bool {
+        false
+    }
+}
+
+fn no_3d(what: &str) -> RenderError {
+    RenderError::Unspec(format!(
+        "{what}: this renderer has no 3D resources (start with --virgl)"
+    ))
 }

@@ -12,6 +12,9 @@ pub enum RendererError {
     /// The renderer backend could not be built.
     #[error("renderer initialisation failed: {0}")]
     Init(#[source] RenderError),
+    /// `--virgl` was asked for and cannot work here.
+    #[error("--virgl: {0}")]
+    Virgl(String),
     /// Hardening or the seccomp filter could not be applied.
     #[error("entering the sandbox failed: {0}")]
     Sandbox(#[from] policy::PolicyError),

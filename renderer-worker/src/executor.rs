@@ -33,6 +33,10 @@ use crate::scanout::Scanouts;
 /// round their allocations up, but nothing legitimate needs more.
 const BACKING_SLACK: u64 = 1 << 20;
 
+/// How often pending fences of asynchronous work (virgl) are polled while no request
+/// arrives.
+const FENCE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Where a blob is in the renderer's half of the mapping state machine (the frontend owns
 /// the whole machine; this only makes sure each step comes once and in order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +91,9 @@ fn describe(op: &RendererOp) -> &'static str {
         RendererOp::AttachResource { .. } => "AttachResource",
         RendererOp::DetachResource { .. } => "DetachResource",
         RendererOp::Submit3d { .. } => "Submit3d",
+        RendererOp::CreateResource3d { .. } => "CreateResource3d",
+        RendererOp::TransferToHost3d { .. } => "TransferToHost3d",
+        RendererOp::TransferFromHost3d { .. } => "TransferFromHost3d",
         RendererOp::CreateBlob { .. } => "CreateBlob",
         RendererOp::Map { .. } => "Map",
         RendererOp::Unmap { .. } => "Unmap",
@@ -175,7 +182,18 @@ impl<R: Renderer> Executor<R> {
     /// it is gone, and the broker decides what happens next.
     pub fn run(mut self, requests: &IpcReceiver<RendererRequest>) -> Result<(), RendererError> {
         loop {
-            match requests.recv() {
+            // While a fence is pending on asynchronous work, wait for the next request only
+            // briefly and then look at the fences again.
+            let next = if self.renderer.poll_fences() {
+                match requests.try_recv_timeout(FENCE_POLL_INTERVAL) {
+                    Ok(request) => Ok(request),
+                    Err(ipc_channel::TryRecvError::Empty) => continue,
+                    Err(ipc_channel::TryRecvError::IpcError(e)) => Err(e),
+                }
+            } else {
+                requests.recv()
+            };
+            match next {
                 Ok(request) => {
                     if let Err(e) = self.handle(request) {
                         log::info!("frontend stopped listening ({e}); renderer stops");
@@ -474,6 +492,25 @@ impl<R: Renderer> Executor<R> {
                 mut commands,
             } => {
                 self.renderer.submit_3d(ctx_id, ring_idx, &mut commands)?;
+            }
+            RendererOp::CreateResource3d { resource_id, args } => {
+                let info = self.ledger.admit_3d(resource_id, &args)?;
+                self.renderer.create_resource_3d(resource_id, args)?;
+                self.ledger.insert(resource_id, info);
+            }
+            RendererOp::TransferToHost3d {
+                resource_id,
+                transfer,
+            } => {
+                self.ledger.get(resource_id)?;
+                self.renderer.transfer_to_host_3d(resource_id, transfer)?;
+            }
+            RendererOp::TransferFromHost3d {
+                resource_id,
+                transfer,
+            } => {
+                self.ledger.get(resource_id)?;
+                self.renderer.transfer_from_host_3d(resource_id, transfer)?;
             }
             RendererOp::CreateBlob {
                 ctx_id,

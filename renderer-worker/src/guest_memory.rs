@@ -152,6 +152,48 @@ impl Backing {
         self.len == 0
     }
 
+    /// Copies `dst.len()` bytes from byte `offset` of the backing into `dst`.
+    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<(), RenderError> {
+        offset
+            .checked_add(dst.len() as u64)
+            .filter(|end| *end <= self.len)
+            .ok_or_else(|| {
+                RenderError::InvalidParameter(format!(
+                    "{} bytes at {offset} of a {}-byte backing",
+                    dst.len(),
+                    self.len
+                ))
+            })?;
+        let mut offset = offset;
+        let mut done = 0;
+        for iov in &self.iovecs {
+            if done == dst.len() {
+                break;
+            }
+            let len = iov.len() as u64;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            // Both below fit in usize: they are bounded by this iovec's length.
+            let start = offset as usize;
+            let take = (iov.len() - start).min(dst.len() - done);
+            // SAFETY: `iov` lies inside a guest memory mapping that `self` keeps alive for
+            // this borrow, and `start + take <= iov.len()`. The guest may write the same
+            // bytes concurrently; they are plain bytes, copied without forming a reference.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    iov.base().add(start),
+                    dst[done..].as_mut_ptr(),
+                    take,
+                );
+            }
+            done += take;
+            offset = 0;
+        }
+        Ok(())
+    }
+
     /// Number of guest ranges this backing mapped (0 for a whole-region baseline backing).
     pub fn mapping_count(&self) -> usize {
         match &self._keep {

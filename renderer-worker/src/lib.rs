@@ -21,6 +21,8 @@ mod sandbox;
 mod scanout;
 #[cfg(test)]
 mod test_util;
+#[cfg(feature = "virgl")]
+mod virgl;
 
 pub use backend::{
     BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS,
@@ -35,6 +37,8 @@ pub use rutabaga_renderer::{
     MAX_IMAGE_QUERIES_PER_CONTEXT, NUM_CAPSETS,
 };
 pub use sandbox::enter_jail;
+#[cfg(feature = "virgl")]
+pub use virgl::{VirglRenderer, VIRGL_CAPSETS};
 
 use protocol::bootstrap::{ChildStatus, RendererBootstrap};
 use protocol::lane::Lane;
@@ -68,17 +72,67 @@ pub fn run(boot: RendererBootstrap) -> Result<(), RendererError> {
     let doorbell =
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(doorbell_fd) };
     let events = EventSink::with_doorbell(events, doorbell);
+    if config.virgl {
+        #[cfg(feature = "virgl")]
+        {
+            let render_node = match &config.render_node {
+                Some(path) => Some(open_render_node(path)?),
+                None => None,
+            };
+            let renderer = VirglRenderer::new(config.limits, render_node, events.fence_callback())
+                .map_err(|e| RendererError::Virgl(e.to_string()))?;
+            if renderer.num_capsets() != config.num_capsets {
+                return Err(RendererError::Virgl(format!(
+                    "virglrenderer offers {} of the {} virgl capsets",
+                    renderer.num_capsets(),
+                    config.num_capsets
+                )));
+            }
+            log::info!(
+                "renderer built (virglrenderer, {} capsets)",
+                renderer.num_capsets()
+            );
+            return serve(renderer, lane, events, &config, &requests, &to_broker);
+        }
+        #[cfg(not(feature = "virgl"))]
+        return Err(RendererError::Virgl(
+            "this build has no virgl renderer (cargo feature `virgl`)".into(),
+        ));
+    }
     let renderer = RutabagaRenderer::new(config.limits, events.fence_callback())
         .map_err(RendererError::Init)?;
     log::info!(
         "renderer built (rutabaga 2D + cross-domain, {} capsets)",
         renderer.num_capsets()
     );
-    let executor = Executor::new(renderer, lane, events, &config);
-    sandbox::enter_jail(&config)?;
+    serve(renderer, lane, events, &config, &requests, &to_broker)
+}
+
+/// Opens the render node for virglrenderer; before the jail, which allows no open.
+#[cfg(feature = "virgl")]
+fn open_render_node(path: &str) -> Result<std::os::fd::OwnedFd, RendererError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(|e| RendererError::Virgl(format!("render node {path}: {e}")))
+}
+
+/// Jails the process, reports ready and serves requests with `renderer`.
+fn serve<R: Renderer>(
+    renderer: R,
+    lane: Lane,
+    events: EventSink,
+    config: &protocol::config::DeviceConfig,
+    requests: &ipc_channel::ipc::IpcReceiver<protocol::ipc::RendererRequest>,
+    to_broker: &ipc_channel::ipc::IpcSender<ChildStatus>,
+) -> Result<(), RendererError> {
+    let executor = Executor::new(renderer, lane, events, config);
+    sandbox::enter_jail(config)?;
     to_broker
         .send(ChildStatus::Ready)
         .map_err(RendererError::Broker)?;
     log::info!("renderer ready");
-    executor.run(&requests)
+    executor.run(requests)
 }

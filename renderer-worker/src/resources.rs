@@ -116,6 +116,34 @@ impl ResourceLedger {
         })
     }
 
+    /// Checks that 3D resource `resource_id` may be created, charging
+    /// [`protocol::ipc::Resource3d::host_bytes`] (its real size depends on a format only
+    /// virglrenderer knows, so it is charged as the widest could be).
+    pub fn admit_3d(
+        &self,
+        resource_id: u32,
+        args: &protocol::ipc::Resource3d,
+    ) -> Result<ResourceInfo, RenderError> {
+        let max = self.limits.max_dimension;
+        if !args.extents_within(max) {
+            return Err(RenderError::InvalidParameter(format!(
+                "3D size {}x{}x{} with {} layers (each at least 1, at most {max}; a \
+                 buffer's width is bytes)",
+                args.width, args.height, args.depth, args.array_size
+            )));
+        }
+        let bytes = args
+            .host_bytes()
+            .ok_or_else(|| RenderError::OutOfMemory("3D resource size overflows".into()))?;
+        let info = self.admit_blob(resource_id, bytes)?;
+        Ok(ResourceInfo {
+            width: args.width,
+            height: args.height,
+            blob: false,
+            ..info
+        })
+    }
+
     /// Records a resource that [`ResourceLedger::admit`] accepted.
     pub fn insert(&mut self, resource_id: u32, info: ResourceInfo) {
         self.total_bytes += info.bytes;

@@ -867,8 +867,7 @@ impl Renderer for RutabagaRenderer {
                 .backing
                 .as_ref()
                 .ok_or(RenderError::InvalidResource(resource_id))?;
-            copy_from_backing(backing, offset, dst);
-            return Ok(());
+            return backing.read_at(offset, dst);
         }
         let file = File::from(self.blob_fd(resource_id)?);
         file.read_exact_at(dst, offset)
@@ -899,32 +898,6 @@ fn warm_up_before_jail() -> Result<(), RenderError> {
         .map_err(|e| RenderError::Unspec(format!("rutabaga gralloc warm-up: {e}")))?;
     log::debug!("gralloc warm-up: a 1x1 image takes {} bytes", reqs.size);
     Ok(())
-}
-
-/// Copies `dst.len()` bytes from byte `offset` of `backing` (the caller checked the range).
-fn copy_from_backing(backing: &Backing, mut offset: u64, dst: &mut [u8]) {
-    let mut done = 0;
-    for iov in backing.iovecs() {
-        if done == dst.len() {
-            break;
-        }
-        let len = iov.len() as u64;
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        // Both below fit in usize: they are bounded by this iovec's length.
-        let start = offset as usize;
-        let take = (iov.len() - start).min(dst.len() - done);
-        // SAFETY: `iov` lies inside a guest memory mapping that `backing` keeps alive for
-        // this borrow, and `start + take <= iov.len()`. The guest may write the same bytes
-        // concurrently; they are plain bytes, copied without forming a Rust reference.
-        unsafe {
-            std::ptr::copy_nonoverlapping(iov.base().add(start), dst[done..].as_mut_ptr(), take);
-        }
-        done += take;
-        offset = 0;
-    }
 }
 
 #[cfg(test)]

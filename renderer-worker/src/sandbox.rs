@@ -1,6 +1,5 @@
 //! Entering the jail, once the renderer is built and before the first request is read.
 
-use protocol::bootstrap::Role;
 use protocol::config::DeviceConfig;
 
 use crate::error::RendererError;
@@ -24,7 +23,13 @@ pub fn enter_jail(config: &DeviceConfig) -> Result<(), RendererError> {
         return Ok(());
     }
     policy::harden_process()?;
-    policy::install_seccomp(Role::Renderer, policy::violation_action_from_env()?)?;
+    // The backend decides: llvmpipe needs executable memory, rutabaga does not.
+    let filter = if config.virgl {
+        policy::Filter::RendererVirgl
+    } else {
+        policy::Filter::Renderer2d
+    };
+    policy::install_seccomp(filter, policy::violation_action_from_env()?)?;
     log::info!("renderer jailed (seccomp filter installed)");
     Ok(())
 }

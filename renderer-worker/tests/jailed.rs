@@ -6,138 +6,36 @@
 //! test plays broker and frontend. (The full broker/frontend/VMM stack is tested by the
 //! workspace's integration tests.)
 
+mod common;
+
+use common::{child_side, memfd, Jailed};
 use vgpu_tests::cross_domain;
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
-use std::thread;
-use std::time::Duration;
 
-use ipc_channel::ipc::{self, IpcOneShotServer, IpcSender};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, SealFlag};
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use protocol::bootstrap::{ChildStatus, RendererBootstrap};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use protocol::config::DeviceConfig;
-use protocol::ipc::{
-    BackingEntry, FenceInfo, GuestRegion, RenderError, RendererEvent, RendererOp, RendererRequest,
-    ReplyBody,
-};
-use protocol::lane::Lane;
+use protocol::ipc::{BackingEntry, FenceInfo, GuestRegion, RenderError, RendererOp, ReplyBody};
 use protocol::virtio_gpu::Rect;
 
-const CHILD_ENV: &str = "VGPU_RENDERER_WORKER_JAILED_CHILD";
 const TEST_NAME: &str = "run_serves_requests_under_seccomp";
-const WAIT: Duration = Duration::from_secs(20);
-
-fn memfd(name: &std::ffi::CStr, len: u64) -> File {
-    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
-    let file = File::from(fd);
-    file.set_len(len).unwrap();
-    file
-}
-
-/// The child: fetch the bootstrap from the test and hand it to `run()`.
-fn child(server: String) -> ! {
-    let (tx, rx) = ipc::channel::<RendererBootstrap>().unwrap();
-    IpcSender::connect(server).unwrap().send(tx).unwrap();
-    let boot = rx.recv().unwrap();
-    let code = match vgpu_renderer_worker::run(boot) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("run failed: {e}");
-            1
-        }
-    };
-    std::process::exit(code)
-}
-
-/// Waits for a blocking call on a helper thread, at most `WAIT`.
-fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("{what} did not happen within {WAIT:?}"))
-}
 
 #[test]
 fn run_serves_requests_under_seccomp() {
-    if let Ok(server) = std::env::var(CHILD_ENV) {
-        child(server);
-    }
-    let (server, name) = IpcOneShotServer::<IpcSender<RendererBootstrap>>::new().unwrap();
-    let (ours, theirs) = Lane::pair().unwrap();
-    // The child inherits its lane end at the same number.
-    fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
-    // And the doorbell: the same eventfd in both processes, so this test can hear it.
-    // SAFETY: eventfd has no memory arguments; the result is checked and then owned.
-    let bell = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
-    assert!(bell >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: `bell` is a fresh fd that nothing else owns.
-    let bell = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(bell) };
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .env("VGPU_SANDBOX_SECCOMP", "trap")
-        .spawn()
-        .unwrap();
-    let lane_fd = theirs.as_raw_fd();
-    let (_, boot_tx) = bounded("the child's hello", move || server.accept().unwrap());
-    drop(theirs);
-
-    let (req_tx, req_rx) = ipc::channel::<RendererRequest>().unwrap();
-    let (ev_tx, ev_rx) = ipc::channel::<RendererEvent>().unwrap();
-    let (st_tx, st_rx) = ipc::channel::<ChildStatus>().unwrap();
-    boot_tx
-        .send(RendererBootstrap {
-            config: DeviceConfig {
-                seccomp: true,
-                ..DeviceConfig::default()
-            },
-            requests: req_rx,
-            events: ev_tx,
-            to_broker: st_tx,
-            lane_fd,
-            doorbell_fd: bell.as_raw_fd(),
-        })
-        .unwrap();
-    match st_rx.try_recv_timeout(WAIT) {
-        Ok(ChildStatus::Ready) => {}
-        other => panic!("expected Ready from the jailed renderer, got {other:?}"),
-    }
-    // Ready means jailed: the filter is in place before the first request is read.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    assert!(
-        status.lines().any(|l| l == "Seccomp:\t2"),
-        "renderer not in seccomp filter mode:\n{status}"
-    );
-
-    let lane = Lane::new(ours);
-    let mut seq = 0;
-    let mut try_call = |op: RendererOp, fence: Option<FenceInfo>| {
-        seq += 1;
-        req_tx.send(RendererRequest { seq, op, fence }).unwrap();
-        match ev_rx.try_recv_timeout(WAIT) {
-            Ok(RendererEvent::Reply { seq: got, result }) if got == seq => result,
-            other => panic!("expected reply {seq}, got {other:?}"),
-        }
-    };
-    let mut call = |op: RendererOp, fence: Option<FenceInfo>| try_call(op, fence).unwrap();
-
+    child_side();
+    let mut r = Jailed::start(TEST_NAME, DeviceConfig::default());
     let guest = memfd(c"guest", 0x10000);
     let pattern: Vec<u8> = (0..0x10000u32).map(|i| (i % 249) as u8).collect();
     guest.write_all_at(&pattern, 0).unwrap();
-    let fds = lane.send(&[guest.as_fd()]).unwrap();
+    let fds = r.lane.send(&[guest.as_fd()]).unwrap();
     let regions = vec![GuestRegion {
         guest_addr: 0x1_0000_0000,
         size: 0x10000,
         fd_offset: 0,
     }];
-    call(RendererOp::SetGuestMemory { regions, fds }, None);
+    r.call(RendererOp::SetGuestMemory { regions, fds }, None);
     let (w, h) = (64u32, 48u32);
     let create = RendererOp::CreateResource2d {
         resource_id: 1,
@@ -145,12 +43,12 @@ fn run_serves_requests_under_seccomp() {
         width: w,
         height: h,
     };
-    call(create, None);
+    r.call(create, None);
     let entries = vec![BackingEntry {
         addr: 0x1_0000_0000,
         length: w * h * 4,
     }];
-    call(
+    r.call(
         RendererOp::AttachBacking {
             resource_id: 1,
             entries,
@@ -168,7 +66,7 @@ fn run_serves_requests_under_seccomp() {
         ctx_id: 0,
         ring_idx: 0,
     };
-    call(
+    r.call(
         RendererOp::TransferToHost2d {
             resource_id: 1,
             rect: full,
@@ -176,10 +74,7 @@ fn run_serves_requests_under_seccomp() {
         },
         Some(fence),
     );
-    match ev_rx.try_recv_timeout(WAIT) {
-        Ok(RendererEvent::FenceSignaled(f)) => assert_eq!(f, fence),
-        other => panic!("expected the fence, got {other:?}"),
-    }
+    r.expect_fence(fence);
     let size = u64::from(w * h * 4);
     let buffer = memfd(c"scanout", size);
     fcntl(
@@ -187,7 +82,7 @@ fn run_serves_requests_under_seccomp() {
         FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
     )
     .unwrap();
-    let fds = lane.send(&[buffer.as_fd()]).unwrap();
+    let fds = r.lane.send(&[buffer.as_fd()]).unwrap();
     let bind = RendererOp::SetScanoutBuffer {
         scanout_id: 0,
         resource_id: 1,
@@ -195,8 +90,8 @@ fn run_serves_requests_under_seccomp() {
         stride: w * 4,
         fds,
     };
-    call(bind, None);
-    call(
+    r.call(bind, None);
+    r.call(
         RendererOp::FlushToScanout {
             scanout_id: 0,
             rect: full,
@@ -206,38 +101,28 @@ fn run_serves_requests_under_seccomp() {
     let mut shown = vec![0; size as usize];
     buffer.read_exact_at(&mut shown, 0).unwrap();
     assert_eq!(shown, pattern[..size as usize]);
-    match call(RendererOp::ReadCursor { resource_id: 1 }, None) {
+    match r.call(RendererOp::ReadCursor { resource_id: 1 }, None) {
         ReplyBody::CursorImage(image) => {
             assert_eq!(image.len(), 16384);
             assert_eq!(image[..256], pattern[..256]);
         }
         other => panic!("expected a cursor image, got {other:?}"),
     }
-    cross_domain_under_seccomp(&mut try_call, &lane, &guest);
-    try_call(RendererOp::Reset, None).unwrap();
+    cross_domain_under_seccomp(&mut r, &guest);
+    r.call(RendererOp::Reset, None);
 
     // Every event rang the doorbell: the counter holds one ring per event (at least the
     // replies above), which is what wakes the frontend's event loop.
     let mut rings = [0u8; 8];
-    nix::unistd::read(&bell, &mut rings).expect("the doorbell was never rung");
+    nix::unistd::read(&r.bell, &mut rings).expect("the doorbell was never rung");
     assert!(u64::from_ne_bytes(rings) >= 5, "too few doorbell rings");
 
-    drop(req_tx);
-    let status = bounded("the child's exit", move || child.wait().unwrap());
-    assert!(
-        status.success(),
-        "jailed renderer exited with {status:?} (signal {:?})",
-        status.signal()
-    );
+    r.finish();
 }
 
 /// Sends `Map` for blob `id`; returns the reply's size and the fd from the lane.
-fn map(
-    call: &mut dyn FnMut(RendererOp, Option<FenceInfo>) -> Result<ReplyBody, RenderError>,
-    lane: &Lane,
-    id: u32,
-) -> (u64, File) {
-    match call(RendererOp::Map { resource_id: id }, None).unwrap() {
+fn map(r: &mut Jailed, id: u32) -> (u64, File) {
+    match r.call(RendererOp::Map { resource_id: id }, None) {
         ReplyBody::MapReady {
             resource_id,
             size,
@@ -245,7 +130,7 @@ fn map(
             fds,
         } => {
             assert_eq!((resource_id, map_info), (id, 1));
-            let mut fds = lane.recv(fds).unwrap();
+            let mut fds = r.lane.recv(fds).unwrap();
             assert_eq!(fds.len(), 1);
             (size, File::from(fds.remove(0)))
         }
@@ -254,16 +139,15 @@ fn map(
 }
 
 /// The cross-domain path, as a guest drives it, with the renderer jailed.
-fn cross_domain_under_seccomp(
-    call: &mut dyn FnMut(RendererOp, Option<FenceInfo>) -> Result<ReplyBody, RenderError>,
-    lane: &Lane,
-    guest: &File,
-) {
+fn cross_domain_under_seccomp(r: &mut Jailed, guest: &File) {
     const CTX: u32 = 3;
     const RING: u32 = 20;
     const BLOB: u32 = 21;
     const RING_AT: u64 = 0x8000;
-    match call(RendererOp::GetCapsetInfo { index: 0 }, None).unwrap() {
+    match r
+        .try_call(RendererOp::GetCapsetInfo { index: 0 }, None)
+        .unwrap()
+    {
         ReplyBody::CapsetInfo {
             capset_id,
             max_version,
@@ -275,7 +159,7 @@ fn cross_domain_under_seccomp(
         capset_id: cross_domain::CAPSET_CROSS_DOMAIN,
         version: 0,
     };
-    match call(capset, None).unwrap() {
+    match r.try_call(capset, None).unwrap() {
         ReplyBody::Capset(bytes) => {
             let caps = cross_domain::Capabilities::parse(&bytes).unwrap();
             assert_eq!((caps.version, caps.supported_channels), (1, 0));
@@ -287,7 +171,7 @@ fn cross_domain_under_seccomp(
         context_init: cross_domain::CAPSET_CROSS_DOMAIN,
         name: b"jailed".to_vec(),
     };
-    call(create, None).unwrap();
+    r.try_call(create, None).unwrap();
     let ring = RendererOp::CreateBlob {
         ctx_id: CTX,
         resource_id: RING,
@@ -300,12 +184,12 @@ fn cross_domain_under_seccomp(
             length: 0x1000,
         }],
     };
-    call(ring, None).unwrap();
+    r.try_call(ring, None).unwrap();
     let attach = RendererOp::AttachResource {
         ctx_id: CTX,
         resource_id: RING,
     };
-    call(attach, None).unwrap();
+    r.try_call(attach, None).unwrap();
     let mut commands = cross_domain::init(RING);
     commands.extend(cross_domain::poll());
     commands.extend(cross_domain::get_image_requirements(
@@ -319,7 +203,7 @@ fn cross_domain_under_seccomp(
         ring_idx: 0,
         commands,
     };
-    call(submit, None).unwrap();
+    r.try_call(submit, None).unwrap();
     let mut answer = [0u8; cross_domain::IMAGE_REQUIREMENTS_SIZE];
     guest.read_exact_at(&mut answer, RING_AT).unwrap();
     let reqs = cross_domain::ImageRequirements::parse(&answer).unwrap();
@@ -334,22 +218,24 @@ fn cross_domain_under_seccomp(
         size: reqs.size,
         entries: Vec::new(),
     };
-    call(blob, None).unwrap();
-    let (size, window) = map(call, lane, BLOB);
+    r.try_call(blob, None).unwrap();
+    let (size, window) = map(r, BLOB);
     assert_eq!(size, reqs.size);
     window
         .write_all_at(b"written by the VMM's guest", 4096)
         .unwrap();
     assert_eq!(
-        call(RendererOp::Unmap { resource_id: BLOB }, None).unwrap(),
+        r.try_call(RendererOp::Unmap { resource_id: BLOB }, None)
+            .unwrap(),
         ReplyBody::UnmapAck { resource_id: BLOB }
     );
     assert_eq!(
-        call(RendererOp::Finalize { resource_id: BLOB }, None).unwrap(),
+        r.try_call(RendererOp::Finalize { resource_id: BLOB }, None)
+            .unwrap(),
         ReplyBody::FinalizeAck { resource_id: BLOB }
     );
     drop(window);
-    let (_, again) = map(call, lane, BLOB);
+    let (_, again) = map(r, BLOB);
     let mut seen = [0u8; 26];
     again.read_exact_at(&mut seen, 4096).unwrap();
     assert_eq!(&seen, b"written by the VMM's guest");
@@ -358,7 +244,7 @@ fn cross_domain_under_seccomp(
     // and the renderer lives on.
     let hostile: [Vec<u8>; 2] = [vec![3, 0, 0, 0, 0, 0, 0, 0], send_with_read_pipe()];
     for commands in hostile {
-        let r = call(
+        let r = r.try_call(
             RendererOp::Submit3d {
                 ctx_id: CTX,
                 ring_idx: 0,
@@ -369,7 +255,7 @@ fn cross_domain_under_seccomp(
         assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
     }
     let destroy = RendererOp::DestroyContext { ctx_id: CTX };
-    call(destroy, None).unwrap();
+    r.try_call(destroy, None).unwrap();
 }
 
 /// A CROSS_DOMAIN_CMD_SEND carrying one identifier of type READ_PIPE (3): header, then

@@ -11,6 +11,7 @@
 //! - [`stack`]: [`Stack`], spawning and supervising the real `vgpu-sandbox` binary.
 //! - [`scenario`]: [`run_demo`], the `vgpu-sandbox demo` scenario.
 //! - [`edid`]: EDID generation and checking.
+//! - [`virgl`]: a builder of virgl command streams (SUBMIT_3D to a VIRGL context).
 
 pub mod backend_req;
 pub mod cross_domain;
@@ -22,6 +23,7 @@ pub mod hostmem;
 pub mod qemu;
 pub mod scenario;
 pub mod stack;
+pub mod virgl;
 pub mod virtqueue;
 pub mod vmm;
 

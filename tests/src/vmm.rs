@@ -20,6 +20,8 @@ use crate::guest_memory::{GuestMemory, MemoryError, DEFAULT_MEM_SIZE};
 use crate::hostmem::{HostmemError, HostmemWindow};
 use crate::virtqueue::{QueueError, SplitQueue};
 
+/// VIRTIO_GPU_F_VIRGL.
+pub const VIRTIO_GPU_F_VIRGL: u64 = 1 << 0;
 /// VIRTIO_GPU_F_EDID.
 pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
 /// VIRTIO_GPU_F_RESOURCE_BLOB.
@@ -285,7 +287,11 @@ impl TestVmm {
         send_gpu_set_socket(&raw, theirs.as_raw_fd(), reply_ack, opts.timeout)?;
         drop(theirs);
 
-        let mut wanted = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_GPU_F_EDID;
+        // VIRGL is acked whenever offered, as a guest with a 3D driver (Mesa) does.
+        let mut wanted = VIRTIO_F_VERSION_1
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | VIRTIO_GPU_F_EDID
+            | VIRTIO_GPU_F_VIRGL;
         if opts.event_idx {
             wanted |= VIRTIO_RING_F_EVENT_IDX;
         }

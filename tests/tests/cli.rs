@@ -1,6 +1,7 @@
-//! The command-line contract of the `vgpu-sandbox` binary: `--print-capabilities`, the
-//! `--virgl` refusal, one-line errors for bad input (and no process left behind), adopting
-//! an inherited listening socket with `--fd N`, and what happens to the `--socket-path` file.
+//! The command-line contract of the `vgpu-sandbox` binary: `--print-capabilities`,
+//! `--virgl` where virglrenderer cannot initialise, one-line errors for bad input (and no
+//! process left behind), adopting an inherited listening socket with `--fd N`, and what
+//! happens to the `--socket-path` file.
 //!
 //! Every run gets its own process group (`process_group(0)`), so processes it started are
 //! found by process group even after they were re-parented; a process in state Z (exited,
@@ -26,7 +27,8 @@ use vgpu_tests::gpu::{format, Rect};
 use vgpu_tests::stack::{default_binary, is_alive, wait_gone, ProcessInfo, READY_LINE};
 use vgpu_tests::{DisplayEvent, Stack, TestVmm};
 
-/// Bound on a run that must end by itself (bad input, --print-capabilities, --virgl).
+/// Bound on a run that must end by itself (bad input, --print-capabilities, --virgl
+/// without a usable Mesa).
 const RUN_BOUND: Duration = Duration::from_secs(10);
 /// Bound on processes of a run disappearing after it ended.
 const GONE_BOUND: Duration = Duration::from_secs(5);
@@ -241,14 +243,56 @@ fn print_capabilities_is_one_json_line_and_starts_nothing() {
 
 // ---------------------------------------------------------------- --virgl
 
+/// Makes Mesa find no driver, so virglrenderer cannot initialise (as on a host without
+/// Mesa's DRI drivers).
+#[cfg(feature = "virgl")]
+const NO_MESA_DRIVERS: (&str, &str) = ("LIBGL_DRIVERS_PATH", "/nonexistent");
+
+#[cfg(feature = "virgl")]
+fn capability_features(cmd: std::process::Command) -> Vec<String> {
+    let o = run_bounded(cmd, RUN_BOUND);
+    assert_eq!(o.status.code(), Some(0), "{}", o.describe());
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("JSON");
+    v["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .map(|f| f.as_str().expect("string").to_string())
+        .collect()
+}
+
+#[cfg(feature = "virgl")]
 #[test]
-fn virgl_is_refused_with_one_line_and_no_socket() {
+fn print_capabilities_lists_virgl_only_where_virglrenderer_initialises() {
+    let mut cmd = bin();
+    cmd.arg("--print-capabilities");
+    let features = capability_features(cmd);
+    assert!(
+        features.iter().any(|f| f == "virgl"),
+        "virgl works on this machine (llvmpipe): {features:?}"
+    );
+    let mut cmd = bin();
+    cmd.arg("--print-capabilities")
+        .env(NO_MESA_DRIVERS.0, NO_MESA_DRIVERS.1);
+    let features = capability_features(cmd);
+    assert!(
+        !features.iter().any(|f| f == "virgl"),
+        "virgl listed although Mesa has no driver: {features:?}"
+    );
+}
+
+#[cfg(feature = "virgl")]
+#[test]
+fn virgl_that_cannot_initialise_fails_with_one_line_and_no_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vgpu.sock");
     let mut cmd = bin();
-    cmd.arg("--socket-path").arg(&socket).arg("--virgl");
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--virgl")
+        .env(NO_MESA_DRIVERS.0, NO_MESA_DRIVERS.1);
     let o = run_bounded(cmd, RUN_BOUND);
-    assert_one_line_failure(&o, &["virgl"]);
+    assert_one_line_failure(&o, &["--virgl", "virgl_renderer_init"]);
     assert!(
         fs::symlink_metadata(&socket).is_err(),
         "a socket file was left at {}: {}",

@@ -17,20 +17,65 @@ use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetA
 use crate::{trap, warm_up, PolicyError, Role, ViolationAction};
 use permit::Permit;
 
-/// The permits of `role` for the process `pid`.
-pub(crate) fn permits(role: Role, pid: u32) -> Vec<Permit> {
-    match role {
-        Role::Frontend => frontend::permits(pid),
-        Role::Renderer => renderer::permits(pid),
-        Role::Broker => broker::permits(pid),
+/// Which allowlist: one per role, and the renderer's depends on its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// The device-frontend.
+    Frontend,
+    /// The renderer-worker with rutabaga's 2D and cross-domain components: no executable
+    /// memory.
+    Renderer2d,
+    /// The renderer-worker with virglrenderer: llvmpipe compiles shaders to machine code.
+    RendererVirgl,
+    /// The broker after set-up.
+    Broker,
+}
+
+impl Filter {
+    /// The process role it is for.
+    pub fn role(self) -> Role {
+        match self {
+            Filter::Frontend => Role::Frontend,
+            Filter::Renderer2d | Filter::RendererVirgl => Role::Renderer,
+            Filter::Broker => Role::Broker,
+        }
+    }
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::RendererVirgl => "renderer-worker (virgl)",
+            other => other.role().name(),
+        }
     }
 }
 
-/// The names of the syscalls `role` may make, in allowlist order. Some are allowed only
+/// A role's default filter (the renderer's is the 2D one).
+impl From<Role> for Filter {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Frontend => Filter::Frontend,
+            Role::Renderer => Filter::Renderer2d,
+            Role::Broker => Filter::Broker,
+        }
+    }
+}
+
+/// The permits of `filter` for the process `pid`.
+pub(crate) fn permits(filter: Filter, pid: u32) -> Vec<Permit> {
+    match filter {
+        Filter::Frontend => frontend::permits(pid),
+        Filter::Renderer2d => renderer::permits_2d(pid),
+        Filter::RendererVirgl => renderer::permits_virgl(pid),
+        Filter::Broker => broker::permits(pid),
+    }
+}
+
+/// The names of the syscalls `filter` allows, in allowlist order. Some are allowed only
 /// with certain arguments (see `src/seccomp/common.rs`); `clone3` is not listed, it fails
 /// with `ENOSYS`.
-pub fn allowed_syscalls(role: Role) -> Vec<&'static str> {
-    permits(role, std::process::id())
+pub fn allowed_syscalls(filter: impl Into<Filter>) -> Vec<&'static str> {
+    permits(filter.into(), std::process::id())
         .into_iter()
         .map(|permit| permit.name)
         .collect()
@@ -41,8 +86,11 @@ pub fn allowed_syscalls(role: Role) -> Vec<&'static str> {
 ///
 /// The program is only meant for the process that builds it: `tgkill` is allowed for the
 /// caller's own pid only.
-pub fn filter_for(role: Role, action: ViolationAction) -> Result<BpfProgram, PolicyError> {
-    build(role, action, std::process::id())
+pub fn filter_for(
+    filter: impl Into<Filter>,
+    action: ViolationAction,
+) -> Result<BpfProgram, PolicyError> {
+    build(filter.into(), action, std::process::id())
 }
 
 /// Installs `role`'s filter on every thread of the calling process (`SECCOMP_FILTER_FLAG_TSYNC`),
@@ -57,8 +105,13 @@ pub fn filter_for(role: Role, action: ViolationAction) -> Result<BpfProgram, Pol
 /// `/proc/sys/vm/overcommit_memory`); this costs a short-lived thread and a few ms. As
 /// init of its own pid namespace, the process also gets a SIGABRT handler first (see
 /// `namespaces::exit_on_abort_as_init`), so an abort does not read as a violation.
-pub fn install_seccomp(role: Role, action: ViolationAction) -> Result<(), PolicyError> {
-    let program = filter_for(role, action)?;
+pub fn install_seccomp(
+    filter: impl Into<Filter>,
+    action: ViolationAction,
+) -> Result<(), PolicyError> {
+    let filter = filter.into();
+    let role = filter.role();
+    let program = filter_for(filter, action)?;
     warm_up::warm_up_malloc();
     crate::namespaces::exit_on_abort_as_init().map_err(PolicyError::SigabrtHandler)?;
     if action == ViolationAction::Trap {
@@ -66,26 +119,26 @@ pub fn install_seccomp(role: Role, action: ViolationAction) -> Result<(), Policy
     }
     seccompiler::apply_filter_all_threads(&program).map_err(|source| {
         PolicyError::InstallFilter {
-            role: role.name(),
+            role: filter.name(),
             source,
         }
     })?;
     log::info!(
         "{}: seccomp filter installed ({} instructions, violations: {:?})",
-        role.name(),
+        filter.name(),
         program.len(),
         action
     );
     Ok(())
 }
 
-fn build(role: Role, action: ViolationAction, pid: u32) -> Result<BpfProgram, PolicyError> {
+fn build(filter: Filter, action: ViolationAction, pid: u32) -> Result<BpfProgram, PolicyError> {
     let err = |source| PolicyError::BuildFilter {
-        role: role.name(),
+        role: filter.name(),
         source,
     };
     let mut rules = BTreeMap::new();
-    for permit in permits(role, pid) {
+    for permit in permits(filter, pid) {
         let previous = rules.insert(permit.nr, permit.rules().map_err(err)?);
         debug_assert!(previous.is_none(), "{} is listed twice", permit.name);
     }
@@ -155,7 +208,7 @@ fn errno_prefix(errnos: &[(permit::Sys, i32)]) -> BpfProgram {
 mod tests {
     use super::*;
 
-    const ROLES: [Role; 2] = [Role::Frontend, Role::Renderer];
+    const ROLES: [Filter; 3] = [Filter::Frontend, Filter::Renderer2d, Filter::RendererVirgl];
 
     #[test]
     fn filters_build_for_every_role_and_action() {
@@ -221,8 +274,10 @@ mod tests {
                 assert!(!allowed.contains(&name), "{role:?} allows {name}");
             }
         }
-        assert!(!allowed_syscalls(Role::Renderer).contains(&"ioctl"));
-        assert!(!allowed_syscalls(Role::Renderer).contains(&"accept4"));
+        for renderer in [Filter::Renderer2d, Filter::RendererVirgl] {
+            assert!(!allowed_syscalls(renderer).contains(&"ioctl"));
+            assert!(!allowed_syscalls(renderer).contains(&"accept4"));
+        }
     }
 
     #[test]

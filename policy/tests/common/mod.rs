@@ -17,7 +17,7 @@ use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use vgpu_policy::{Role, ViolationAction};
+use vgpu_policy::{Filter, Role, ViolationAction};
 
 /// The environment variable that turns a run of the test binary into a child.
 pub const CHILD_ENV: &str = "VGPU_POLICY_TEST_CHILD";
@@ -59,13 +59,22 @@ pub fn role(name: &str) -> Role {
     Role::from_name(name).unwrap_or_else(|| panic!("unknown role {name}"))
 }
 
+/// Parses the filter of a scenario: a role name (its default filter), or
+/// `renderer-worker-virgl`.
+pub fn filter(name: &str) -> Filter {
+    match name {
+        "renderer-worker-virgl" => Filter::RendererVirgl,
+        role_name => role(role_name).into(),
+    }
+}
+
 /// Parses an action name of a scenario.
 pub fn action(name: &str) -> ViolationAction {
     ViolationAction::parse(Some(name)).expect("action")
 }
 
 /// Hardens and jails the calling (child) process as `role`.
-pub fn jail(role: Role, action: ViolationAction) {
+pub fn jail(role: impl Into<Filter>, action: ViolationAction) {
     vgpu_policy::harden_process().expect("harden_process");
     vgpu_policy::install_seccomp(role, action).expect("install_seccomp");
 }
