@@ -118,6 +118,28 @@ fn qemu_guest_vgpu_sandbox_mode_from_qemu_then_qmp_quit() {
     });
 }
 
+/// Our backend with `--virgl`: the guest's driver sees VIRTIO_GPU_F_VIRGL (its features
+/// line says `+virgl`, and it reads both capsets at probe), and its 2D output (fbdev, KMS
+/// dumb buffers: virgl textures here) still reaches the screen pixel for pixel.
+#[cfg(feature = "virgl")]
+#[test]
+fn qemu_guest_sees_virgl_and_still_draws_2d() {
+    let Some(report) = boot(BootSpec {
+        name: "vgpu-sandbox --virgl".into(),
+        backend: BackendSpec::Ours(vec!["--virgl".into()]),
+        mode: (1280, 800),
+        expect_edid: true,
+        ending: Ending::GuestPowerOff,
+    }) else {
+        return;
+    };
+    assert!(
+        report.features.iter().any(|f| f.contains("+virgl")),
+        "the guest driver did not report +virgl: {:?}",
+        report.features
+    );
+}
+
 /// The control: QEMU's own vhost-user-gpu backend, same guest, same checks.
 #[test]
 fn qemu_guest_reference_backend_control() {
