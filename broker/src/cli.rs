@@ -167,7 +167,8 @@ impl ServeArgs {
     }
 }
 
-/// The capsets a virgl renderer offers (VIRGL and VIRGL2).
+/// The capsets a virgl renderer offers at least (VIRGL and VIRGL2); the probe says how
+/// many this host's virglrenderer has.
 const VIRGL_CAPSETS: u32 = 2;
 
 /// `--print-capabilities`: what this build really supports on this host, in QEMU's format.
@@ -189,14 +190,14 @@ fn virgl_works() -> bool {
 }
 
 /// Initialises virglrenderer in this process, which must exit soon after (Mesa's threads
-/// and state stay), and says why it cannot work when it does not.
+/// and state stay); returns how many capsets it offers, or why it cannot work.
 #[cfg(feature = "virgl")]
-pub fn probe_virgl() -> Result<(), String> {
+pub fn probe_virgl() -> Result<u32, String> {
     use renderer_worker::Renderer;
     let r = renderer_worker::VirglRenderer::new(Limits::default(), None, |_| {})
         .map_err(|e| e.to_string())?;
     match r.num_capsets() {
-        VIRGL_CAPSETS => Ok(()),
+        n if n >= VIRGL_CAPSETS => Ok(n),
         n => Err(format!(
             "virglrenderer offers {n} of the {VIRGL_CAPSETS} virgl capsets here"
         )),
@@ -205,7 +206,7 @@ pub fn probe_virgl() -> Result<(), String> {
 
 /// This build has no virgl renderer.
 #[cfg(not(feature = "virgl"))]
-pub fn probe_virgl() -> Result<(), String> {
+pub fn probe_virgl() -> Result<u32, String> {
     Err("this build has no virgl renderer (built without the `virgl` feature)".into())
 }
 

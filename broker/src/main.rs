@@ -61,7 +61,10 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
     }
     if let Some(cli::Sub::ProbeVirgl) = cli.command {
         return Ok(match cli::probe_virgl() {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(capsets) => {
+                println!("capsets {capsets}");
+                ExitCode::SUCCESS
+            }
             Err(why) => {
                 println!("{why}");
                 ExitCode::from(1)

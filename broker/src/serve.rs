@@ -38,13 +38,18 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let sfd = supervise::signal_fd().map_err(|e| format!("setting up signal handling: {e}"))?;
     crate::logger::init("broker", args.log_level);
 
-    if args.virgl {
-        probe_virgl()?;
-    }
+    let virgl_capsets = if args.virgl {
+        Some(probe_virgl()?)
+    } else {
+        None
+    };
     if let Some(node) = &args.render_node {
         check_render_node(node, args.virgl)?;
     }
-    let config = args.device_config()?;
+    let mut config = args.device_config()?;
+    if let Some(n) = virgl_capsets {
+        config.num_capsets = n;
+    }
     if let Some(mode) = args.seccomp.as_deref().filter(|m| *m != "kill") {
         log::warn!(
             "--seccomp {mode}: violations do not kill the children; for debugging a policy only"
@@ -276,18 +281,23 @@ fn adopt_fd(fd: i32) -> Result<OwnedFd, String> {
 
 /// Fails early, in one line, where --virgl cannot work: virglrenderer is initialised once
 /// in a throw-away child (`probe-virgl`), so that neither Mesa's threads nor its state end
-/// up in the broker.
-fn probe_virgl() -> Result<(), String> {
+/// up in the broker. Returns how many capsets the renderer will offer.
+fn probe_virgl() -> Result<u32, String> {
     let out = std::process::Command::new("/proc/self/exe")
         .arg("probe-virgl")
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("--virgl: running the virgl probe: {e}"))?;
+    let said = String::from_utf8_lossy(&out.stdout);
     if out.status.success() {
-        return Ok(());
+        return said
+            .trim()
+            .strip_prefix("capsets ")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("--virgl: the virgl probe said {said:?}"));
     }
-    let why = String::from_utf8_lossy(&out.stdout);
+    let why = said;
     let why = why.lines().next().unwrap_or("the probe failed");
     Err(format!("--virgl: {why}; start without --virgl"))
 }

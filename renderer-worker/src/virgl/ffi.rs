@@ -193,7 +193,8 @@ impl Virgl {
                 get_server_fd: None,
                 get_egl_display: None,
             }));
-        let flags = (sys::VIRGL_RENDERER_USE_EGL | display) as i32;
+        // DRM native contexts where this virglrenderer has them (its capset says so).
+        let flags = (sys::VIRGL_RENDERER_USE_EGL | sys::VIRGL_RENDERER_DRM | display) as i32;
         // SAFETY: the cookie is a live heap object owned by the returned `Virgl` (cleanup
         // runs before it is freed), the callbacks are leaked (never freed), and the guard
         // above makes this the only initialisation in the process.

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use protocol::config::Limits;
 use protocol::ipc::{FenceInfo, RenderError, Resource3d, Transfer3d};
 use protocol::virtio_gpu::{
-    Rect, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_CAPSET_VIRGL, VIRTIO_GPU_CAPSET_VIRGL2,
+    Rect, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_CAPSET_DRM, VIRTIO_GPU_CAPSET_VIRGL,
+    VIRTIO_GPU_CAPSET_VIRGL2,
 };
 use virglrenderer_sys as sys;
 
@@ -26,8 +27,15 @@ use crate::guest_memory::Backing;
 pub use ffi::VirglError;
 use ffi::{Signaled, Virgl, VirglBox};
 
-/// The capsets this backend offers, in GET_CAPSET_INFO index order.
-pub const VIRGL_CAPSETS: [u32; 2] = [VIRTIO_GPU_CAPSET_VIRGL, VIRTIO_GPU_CAPSET_VIRGL2];
+/// The capsets this backend may offer, in GET_CAPSET_INFO index order; each only when the
+/// library reports it (a version above 0). DRM native contexts need a virglrenderer built
+/// with them and GPU hardware; Venus is left out: it needs virglrenderer's render server
+/// (a process of its own, which would need a jail of its own).
+pub const VIRGL_CAPSETS: [u32; 3] = [
+    VIRTIO_GPU_CAPSET_VIRGL,
+    VIRTIO_GPU_CAPSET_VIRGL2,
+    VIRTIO_GPU_CAPSET_DRM,
+];
 
 /// PIPE_TEXTURE_2D: the target of 2D resources.
 const PIPE_TEXTURE_2D: u32 = 2;
