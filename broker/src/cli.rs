@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// whose size the VMM's display decides (1280x800 when it has no opinion).
     #[arg(long = "output", value_name = "WxH", value_parser = parse_output)]
     pub outputs: Vec<OutputConfig>,
+    /// After the VMM disconnects, reset the device and wait for the next connection on the
+    /// same socket (default: exit 0, as QEMU's own backends do).
+    #[arg(long)]
+    pub keep_listening: bool,
     /// Do not offer VIRTIO_GPU_F_EDID.
     #[arg(long)]
     pub no_edid: bool,
@@ -146,6 +150,7 @@ impl ServeArgs {
             config.display_from_vmm = false;
         }
         config.edid = !self.no_edid;
+        config.keep_listening = self.keep_listening;
         config.hostmem = self.hostmem;
         config.render_node = self
             .render_node

@@ -5,6 +5,7 @@
 //! renderer and the device state has one owner.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -57,8 +58,16 @@ struct Inner {
     /// Size of the host-visible region, when blobs are on.
     hostmem: Option<u64>,
     /// Wakes the vring worker thread to exit: vhost-user-backend joins it when the daemon is
-    /// dropped, so without an exit event the frontend would hang on its way out.
-    exit: (EventConsumer, EventNotifier),
+    /// dropped, so without an exit event the frontend would hang on its way out. One per
+    /// daemon (`--keep-listening` makes a daemon per connection): a signalled event would
+    /// stop the next daemon's worker at once.
+    exit: Mutex<(EventConsumer, EventNotifier)>,
+    /// The exit consumers handed to vring workers. vhost-user-backend 0.24 turns each into
+    /// a raw fd for its epoll and never closes it: one descriptor per daemon. With a
+    /// daemon per connection that would leak one per reconnect, so they are closed here
+    /// once their daemon is gone (`tests/tests/reconnect.rs` counts every descriptor, so a
+    /// library that starts closing them itself shows up as a count below the baseline).
+    handed_out: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 impl GpuDevice {
@@ -102,7 +111,8 @@ impl GpuDevice {
                 }),
                 event_idx,
                 hostmem: config.hostmem,
-                exit,
+                exit: Mutex::new(exit),
+                handed_out: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -121,6 +131,42 @@ impl GpuDevice {
     /// The renderer's doorbell, for the epoll loop to watch (as [`RENDERER_EVENT`]).
     pub fn renderer_doorbell_fd(&self) -> Option<std::os::fd::RawFd> {
         self.with_control(|c| c.renderer_doorbell())
+    }
+
+    /// A fresh exit event for the next daemon's vring worker (the last one's was signalled
+    /// when that daemon was dropped). Call only once the last daemon has been dropped: it
+    /// closes the exit descriptors that daemon left open.
+    pub fn renew_exit_event(&self) -> io::Result<()> {
+        let handed_out = std::mem::take(
+            &mut *self
+                .inner
+                .handed_out
+                .lock()
+                .map_err(|_| io::Error::other("exit event lock poisoned"))?,
+        );
+        for fd in handed_out {
+            // SAFETY: the dropped daemon took this descriptor over with `into_raw_fd` and
+            // never closes it; its worker thread (the only user) has been joined, so no one
+            // owns it and this closes it exactly once.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+        let fresh = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let mut exit = self
+            .inner
+            .exit
+            .lock()
+            .map_err(|_| io::Error::other("exit event lock poisoned"))?;
+        *exit = fresh;
+        Ok(())
+    }
+
+    /// Resets the device after the VMM disconnected, so it can serve the next connection;
+    /// false when that did not finish within `timeout` (an unmap whose acknowledgment
+    /// never came, or the actor is gone).
+    pub fn reset_after_disconnect(&self, timeout: std::time::Duration) -> bool {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        self.send(Input::Disconnected { done });
+        finished.recv_timeout(timeout).is_ok()
     }
 
     /// Runs `f` on the control actor; used once the vring worker is gone (statistics).
@@ -251,9 +297,15 @@ impl VhostUserBackend for GpuDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = &self.inner.exit;
+        let exit = self.inner.exit.lock().ok()?;
+        let (consumer, notifier) = &*exit;
         match (consumer.try_clone(), notifier.try_clone()) {
-            (Ok(c), Ok(n)) => Some((c, n)),
+            (Ok(c), Ok(n)) => {
+                if let Ok(mut fds) = self.inner.handed_out.lock() {
+                    fds.push(c.as_raw_fd());
+                }
+                Some((c, n))
+            }
             (Err(e), _) | (_, Err(e)) => {
                 log::error!("cloning the vring worker's exit event failed: {e}");
                 None

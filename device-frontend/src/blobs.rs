@@ -91,6 +91,11 @@ impl Control {
         self.blobs.vmm = Some(vmm);
     }
 
+    /// Lets go of the VMM's backend request channel (its thread ends with it).
+    pub(crate) fn drop_vmm_channel(&mut self) {
+        self.blobs.vmm = None;
+    }
+
     /// Whether the control queue must take nothing new (a command is suspended on a blob,
     /// or a reset waits for unmaps).
     pub(crate) fn control_blocked(&self) -> bool {

@@ -64,6 +64,13 @@ pub enum Input {
     },
     /// The VMM's backend request channel is up (VHOST_USER_SET_BACKEND_REQ_FD).
     VmmChannel(crate::vmm_requests::VmmRequests),
+    /// The VMM disconnected and the device will serve another connection: reset it as a
+    /// device reset does, let go of everything of that VMM (rings, memory table, display
+    /// socket, backend channel), and say so on `done`.
+    Disconnected {
+        /// Signalled once the device is as fresh as at start.
+        done: crossbeam_channel::Sender<()>,
+    },
     /// VHOST_USER_GET_VRING_BASE: finish the queue's in-flight commands, then let go of
     /// the ring and say so on `done`. The VMM takes the ring's index as final, so a
     /// command popped but not answered here would never be answered at all.
@@ -161,6 +168,8 @@ pub struct Control {
     pub(crate) stats: Stats,
     /// Blobs, contexts, the host-visible window and the VMM request thread.
     pub(crate) blobs: crate::blobs::Blobs,
+    /// A disconnect's reset is under way: told when it has finished.
+    disconnected: Option<crossbeam_channel::Sender<()>>,
     /// Test only: the forbidden call to ask the renderer for on the first guest command.
     #[cfg(feature = "test-hooks")]
     test_forbidden: Option<protocol::ipc::ForbiddenSyscall>,
@@ -229,6 +238,7 @@ impl Control {
             event_idx,
             stats: Stats::default(),
             blobs: crate::blobs::Blobs::default(),
+            disconnected: None,
             #[cfg(feature = "test-hooks")]
             test_forbidden: test_forbidden_from_env(),
             #[cfg(feature = "test-hooks")]
@@ -249,6 +259,15 @@ impl Control {
             Input::Reset => self.reset()?,
             Input::Vmm { resource_id, ack } => self.on_vmm_ack(resource_id, ack)?,
             Input::VmmChannel(vmm) => self.set_vmm_channel(vmm),
+            Input::Disconnected { done } => {
+                // Nothing of the old VMM may be used again: its memory table and rings
+                // are gone, and the renderer's Reset drops its mappings.
+                self.mem = None;
+                self.vrings = [None, None];
+                self.stopping = [None, None];
+                self.disconnected = Some(done);
+                self.reset()?;
+            }
             Input::StopQueue { queue, done } => {
                 if let Some(slot) = self.stopping.get_mut(queue as usize) {
                     *slot = Some(done);
@@ -392,6 +411,17 @@ impl Control {
         // Reset drops its mappings with everything else: hand the table over again.
         if let Some(mem) = self.mem.clone() {
             self.set_memory(mem)?;
+        }
+        if let Some(done) = self.disconnected.take() {
+            // The last unmap (if any) has been acknowledged, the channel is no longer
+            // needed; the next VMM brings its own display socket and channel.
+            self.display = None;
+            self.drop_vmm_channel();
+            log::info!(
+                "device reset after the VMM disconnected: {} command(s) served so far",
+                self.stats.commands
+            );
+            let _ = done.send(());
         }
         Ok(())
     }

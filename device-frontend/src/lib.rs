@@ -38,10 +38,37 @@ use crate::control::Control;
 pub use crate::error::FrontendError;
 use crate::renderer_link::RendererLink;
 
+/// How long the reset after a VMM disconnect may take (`--keep-listening`): it waits for
+/// unmaps in flight, whose acknowledgments fail at once on the closed channel.
+const DISCONNECT_RESET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Exit code of the frontend when the renderer-worker disappears under it.
 pub const EXIT_RENDERER_GONE: i32 = 3;
 
-/// The role's main: serve one VMM connection, then return.
+/// A vhost-user daemon serving `device`, its vring worker also watching the mailbox and
+/// the renderer's doorbell.
+fn new_daemon(device: &GpuDevice) -> Result<VhostUserDaemon<GpuDevice>, FrontendError> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
+    let daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device.clone(), mem)
+        .map_err(|e| FrontendError::Daemon(e.to_string()))?;
+    let doorbell = device
+        .renderer_doorbell_fd()
+        .ok_or_else(|| FrontendError::Daemon("control actor poisoned".into()))?;
+    for handler in daemon.get_epoll_handlers() {
+        for (fd, event, what) in [
+            (device.mailbox_fd(), mailbox::MAILBOX_EVENT, "mailbox"),
+            (doorbell, mailbox::RENDERER_EVENT, "renderer doorbell"),
+        ] {
+            handler
+                .register_listener(fd, vmm_sys_util::epoll::EventSet::IN, u64::from(event))
+                .map_err(|e| FrontendError::Daemon(format!("registering the {what}: {e}")))?;
+        }
+    }
+    Ok(daemon)
+}
+
+/// The role's main: serve one VMM connection (or, with `keep_listening`, one after the
+/// other), then return.
 pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     // SAFETY: the broker placed the descriptor lane at this fd number for this process
     // alone; nothing else in the process owns it.
@@ -59,36 +86,42 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     let control = Control::new(config.clone(), link, event_idx.clone());
     let device = GpuDevice::new(&config, control, (mailbox, inbox), event_idx)
         .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
-    let mut daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device.clone(), mem)
-        .map_err(|e| FrontendError::Daemon(e.to_string()))?;
-    let doorbell = device
-        .renderer_doorbell_fd()
-        .ok_or_else(|| FrontendError::Daemon("control actor poisoned".into()))?;
-    for handler in daemon.get_epoll_handlers() {
-        for (fd, event, what) in [
-            (device.mailbox_fd(), mailbox::MAILBOX_EVENT, "mailbox"),
-            (doorbell, mailbox::RENDERER_EVENT, "renderer doorbell"),
-        ] {
-            handler
-                .register_listener(fd, vmm_sys_util::epoll::EventSet::IN, u64::from(event))
-                .map_err(|e| FrontendError::Daemon(format!("registering the {what}: {e}")))?;
-        }
-    }
+    let mut daemon = new_daemon(&device)?;
 
     sandbox::enter_jail(config.seccomp)?;
     boot.to_broker
         .send(ChildStatus::Ready)
         .map_err(|e| FrontendError::Broker(e.to_string()))?;
 
-    daemon
-        .start(&mut listener)
-        .map_err(|e| FrontendError::Daemon(e.to_string()))?;
-    log::info!("VMM connected");
-    let _ = boot.to_broker.send(ChildStatus::VmmConnected);
-    match daemon.wait() {
-        Ok(()) => log::info!("VMM disconnected"),
-        Err(e) => log::info!("VMM connection ended ({e})"),
+    loop {
+        daemon
+            .start(&mut listener)
+            .map_err(|e| FrontendError::Daemon(e.to_string()))?;
+        log::info!("VMM connected");
+        let _ = boot.to_broker.send(ChildStatus::VmmConnected);
+        match daemon.wait() {
+            Ok(()) => log::info!("VMM disconnected"),
+            Err(e) => log::info!("VMM connection ended ({e})"),
+        }
+        if !config.keep_listening {
+            break;
+        }
+        let _ = boot.to_broker.send(ChildStatus::VmmDisconnected);
+        // The reset runs on the vring worker, which lives as long as this daemon.
+        if !device.reset_after_disconnect(DISCONNECT_RESET_TIMEOUT) {
+            return Err(FrontendError::Daemon(format!(
+                "the device did not reset within {DISCONNECT_RESET_TIMEOUT:?} after the VMM \
+                 disconnected"
+            )));
+        }
+        // vhost-user-backend keeps a connection's state (owner, features, rings, memory
+        // table) in the daemon, with no way to clear it: the next VMM gets a new daemon.
+        drop(daemon);
+        device
+            .renew_exit_event()
+            .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
+        daemon = new_daemon(&device)?;
+        log::info!("waiting for the next VMM connection (--keep-listening)");
     }
     // Joins the vring worker (the actor's thread) after waking it with the exit event.
     drop(daemon);

@@ -64,6 +64,9 @@ pub struct DeviceConfig {
     /// The DRM render node the virgl renderer uses instead of a surfaceless (software)
     /// display; opened by the renderer before its jail, never by the frontend.
     pub render_node: Option<String>,
+    /// After the VMM disconnects, reset the device and serve the next connection on the
+    /// same socket, instead of ending (which is what QEMU's own backends do).
+    pub keep_listening: bool,
 }
 
 /// Largest host-visible region accepted (the VMM reserves this much address space).
@@ -88,6 +91,7 @@ impl Default for DeviceConfig {
             max_submit_bytes: 1 << 20,
             virgl: false,
             render_node: None,
+            keep_listening: false,
         }
     }
 }

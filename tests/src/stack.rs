@@ -456,18 +456,28 @@ impl Stack {
 
     /// Waits (bounded) for an output line containing `needle`; returns it.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String, StackError> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits (bounded) until `count` output lines contain `needle`; returns the last of
+    /// them.
+    pub fn wait_for_log_count(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<String, StackError> {
         let deadline = Instant::now() + timeout;
         let mut st = self.log.lock();
-        let mut seen = 0;
         loop {
-            if let Some(l) = st.lines[seen..].iter().find(|l| l.contains(needle)) {
+            let mut matching = st.lines.iter().filter(|l| l.contains(needle));
+            if let Some(l) = matching.nth(count.saturating_sub(1)) {
                 return Ok(l.clone());
             }
-            seen = st.lines.len();
             let now = Instant::now();
             if st.open_streams == 0 || now >= deadline {
                 drop(st);
-                let what = format!("no output line containing {needle:?}");
+                let what = format!("fewer than {count} output line(s) containing {needle:?}");
                 return Err(StackError::Timeout {
                     what: if self.log.lock().open_streams == 0 {
                         format!("{what} (its output was closed: it exited)")

@@ -52,6 +52,11 @@ struct Fx {
 fn start() -> Fx {
     let stack = Stack::start(&["--hostmem", "64M"])
         .unwrap_or_else(|e| panic!("starting vgpu-sandbox --hostmem 64M: {e}"));
+    connect(stack)
+}
+
+/// Connects a hostmem-enabled test VMM to `stack` and initialises a cross-domain context.
+fn connect(stack: Stack) -> Fx {
     let opts = VmmOptions {
         hostmem: Some(HOSTMEM),
         reset_device: true,
@@ -643,5 +648,27 @@ fn bytes_written_through_the_window_are_what_the_renderer_shows() {
         got == want,
         "the display does not show what the guest wrote through the window"
     );
+    no_violations(&fx);
+}
+
+/// With `--keep-listening`, a VMM that goes away while a blob is mapped does not keep the
+/// device waiting: the reset's SHMEM_UNMAP fails on the closed channel (the window went
+/// with the VMM), the reset completes, and the next VMM maps a blob at the same offset.
+#[test]
+fn a_vmm_gone_with_a_blob_mapped_leaves_a_fresh_device_for_the_next() {
+    let stack = Stack::start(&["--hostmem", "64M", "--keep-listening"])
+        .unwrap_or_else(|e| panic!("starting vgpu-sandbox: {e}"));
+    let mut fx = connect(stack);
+    let a = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &a);
+    let Fx { stack, vmm, .. } = fx;
+    vmm.disconnect();
+    stack
+        .wait_for_log("waiting for the next VMM connection", WAIT)
+        .unwrap_or_else(|e| panic!("the device did not reset: {e}"));
+    let mut fx = connect(stack);
+    let b = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &b);
+    still_works(&mut fx.vmm, "a reconnect with a blob mapped");
     no_violations(&fx);
 }
