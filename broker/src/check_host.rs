@@ -4,7 +4,7 @@
 //! Every probe runs in this (unconfined) process and leaves nothing behind: no filter is
 //! installed, no namespace entered by this process. Two processes are started: `qemu-system-x86_64
 //! --version`, and one that is cloned into the children's namespaces exactly as a child
-//! would be (down to its uid/gid maps) and exits at once. Lines read `NAME: ok|missing|unknown: reason`; the exit status is 1 when a
+//! would be (down to its uid/gid maps) and exits at once, and this binary's `probe-virgl`. Lines read `NAME: ok|missing|unknown: reason`; the exit status is 1 when a
 //! requirement (seccomp filter mode, memfd sealing) is missing, else 0.
 
 use std::fs;
@@ -104,6 +104,7 @@ pub fn run() -> ExitCode {
         pidfd_open(),
         qemu(),
         render_nodes(),
+        virgl(),
     ];
     for check in &checks {
         println!("{}", check.line());
@@ -493,9 +494,25 @@ fn qemu() -> Check {
     }
 }
 
+fn virgl() -> Check {
+    const NAME: &str = "virgl";
+    match crate::virgl_probe::run() {
+        Ok(n) => Check::new(
+            NAME,
+            State::Ok,
+            format!("virglrenderer initialises here with {n} capsets; --virgl can be used"),
+        ),
+        Err(why) => Check::new(
+            NAME,
+            State::Missing,
+            format!("{why}; --virgl cannot be used"),
+        ),
+    }
+}
+
 fn render_nodes() -> Check {
     const NAME: &str = "render-nodes";
-    const NOT_USED: &str = "not used: the 2D renderer does not open one";
+    const NOT_USED: &str = "used only with --virgl --render-node (the 2D renderer opens none)";
     let entries = match fs::read_dir("/dev/dri") {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -10,6 +10,7 @@ mod logger;
 mod serve;
 mod spawn;
 mod supervise;
+mod virgl_probe;
 
 use std::process::ExitCode;
 

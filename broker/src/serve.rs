@@ -38,8 +38,11 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let sfd = supervise::signal_fd().map_err(|e| format!("setting up signal handling: {e}"))?;
     crate::logger::init("broker", args.log_level);
 
+    // Fails early, in one line, where --virgl cannot work.
     let virgl_capsets = if args.virgl {
-        Some(probe_virgl()?)
+        let capsets = crate::virgl_probe::run()
+            .map_err(|why| format!("--virgl: {why}; start without --virgl"))?;
+        Some(capsets)
     } else {
         None
     };
@@ -277,29 +280,6 @@ fn adopt_fd(fd: i32) -> Result<OwnedFd, String> {
     }
     let _ = owned.as_raw_fd();
     Ok(owned)
-}
-
-/// Fails early, in one line, where --virgl cannot work: virglrenderer is initialised once
-/// in a throw-away child (`probe-virgl`), so that neither Mesa's threads nor its state end
-/// up in the broker. Returns how many capsets the renderer will offer.
-fn probe_virgl() -> Result<u32, String> {
-    let out = std::process::Command::new("/proc/self/exe")
-        .arg("probe-virgl")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("--virgl: running the virgl probe: {e}"))?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    if out.status.success() {
-        return said
-            .trim()
-            .strip_prefix("capsets ")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("--virgl: the virgl probe said {said:?}"));
-    }
-    let why = said;
-    let why = why.lines().next().unwrap_or("the probe failed");
-    Err(format!("--virgl: {why}; start without --virgl"))
 }
 
 fn check_render_node(node: &Path, virgl: bool) -> Result<(), String> {

@@ -572,6 +572,7 @@ fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
         "user-namespaces",
         "mount-namespaces",
         "pid-namespaces",
+        "virgl",
         "close-range",
         "pidfd-open",
         "qemu",
@@ -582,5 +583,5 @@ fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
             "{name}: {d}"
         );
     }
-    assert_eq!(o.stdout.lines().count(), 13, "one line per probe: {d}");
+    assert_eq!(o.stdout.lines().count(), 14, "one line per probe: {d}");
 }
