@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
-use protocol::config::{DeviceConfig, Limits, OutputConfig, MAX_SCANOUTS};
+use policy::limits::{self, Bound};
+use protocol::config::{DeviceConfig, OutputConfig, MAX_SCANOUTS};
 
 /// A sandboxed virtio-gpu device, served as a vhost-user backend.
 #[derive(Debug, Parser)]
@@ -51,9 +52,25 @@ pub struct ServeArgs {
     /// Do not offer VIRTIO_GPU_F_EDID.
     #[arg(long)]
     pub no_edid: bool,
-    /// Most host memory all guest resources together may use, in MiB.
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    /// Most live resources (2D, 3D and blobs together); beyond it a create gets
+    /// ERR_OUT_OF_MEMORY. Default 16384.
+    #[arg(long, value_name = "N", value_parser = parse_max_resources)]
+    pub max_resources: Option<u32>,
+    /// Most host memory all guest resources, blobs and the scanout buffers showing them
+    /// may use together, in MiB; beyond it ERR_OUT_OF_MEMORY. Default 1024.
+    #[arg(long, value_name = "MIB", value_parser = parse_max_resource_memory)]
     pub max_resource_memory: Option<u64>,
+    /// Most live contexts (CTX_CREATE); beyond it ERR_OUT_OF_MEMORY. Default 64.
+    #[arg(long, value_name = "N", value_parser = parse_max_contexts)]
+    pub max_contexts: Option<u32>,
+    /// Largest SUBMIT_3D command stream (bytes, or with a K or M suffix); a larger one
+    /// gets ERR_OUT_OF_MEMORY. Default 1M (a virgl guest sends up to 256K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_submit_size)]
+    pub max_submit_size: Option<u32>,
+    /// Most blobs mapped into the host-visible window at once (RESOURCE_MAP_BLOB until
+    /// the unmap completed); beyond it ERR_OUT_OF_MEMORY. Default 4096.
+    #[arg(long, value_name = "N", value_parser = parse_max_mappings)]
+    pub max_mappings: Option<u32>,
     /// Offer blobs and contexts with a host-visible memory region of this size (bytes,
     /// or with a K, M or G suffix; page aligned), mapped through the VMM with
     /// VHOST_USER_BACKEND_SHMEM_MAP.
@@ -94,8 +111,9 @@ pub struct DemoArgs {
     pub output: OutputConfig,
 }
 
-/// Parses a byte size with an optional K, M or G suffix (powers of 1024), page aligned.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// Parses a byte count with an optional K, M or G suffix (powers of 1024); the product
+/// is overflow-checked.
+fn parse_bytes(s: &str) -> Result<u64, String> {
     let (digits, shift) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 10),
         Some((i, 'M' | 'm')) => (&s[..i], 20),
@@ -105,14 +123,84 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("'{s}' is not a size (e.g. 256M)"))?;
-    let bytes = n
-        .checked_mul(1 << shift)
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Parses a byte size with an optional K, M or G suffix (powers of 1024), page aligned.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)
+        .ok()
         .filter(|b| (1..=protocol::config::MAX_HOSTMEM).contains(b))
         .ok_or_else(|| format!("'{s}': the size must be 4K..=64G"))?;
     if bytes % 4096 != 0 {
         return Err(format!("'{s}': the size must be a multiple of 4K"));
     }
     Ok(bytes)
+}
+
+/// A byte count as the options take it: with the largest K, M or G suffix that is exact.
+fn with_suffix(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+/// A count option within its per-VM limit's [`Bound`].
+fn parse_count(s: &str, bound: &Bound) -> Result<u32, String> {
+    let range = || format!("'{s}': must be {}..={}", bound.min, bound.max);
+    let n: u64 = s.parse().map_err(|_| range())?;
+    let n = bound.check(n).map_err(|_| range())?;
+    u32::try_from(n).map_err(|_| range())
+}
+
+/// `--max-resources N`.
+pub fn parse_max_resources(s: &str) -> Result<u32, String> {
+    parse_count(s, &limits::RESOURCES)
+}
+
+/// `--max-contexts N`.
+pub fn parse_max_contexts(s: &str) -> Result<u32, String> {
+    parse_count(s, &limits::CONTEXTS)
+}
+
+/// `--max-mappings N`.
+pub fn parse_max_mappings(s: &str) -> Result<u32, String> {
+    parse_count(s, &limits::MAPPINGS)
+}
+
+/// `--max-resource-memory MIB`, returned in MiB.
+pub fn parse_max_resource_memory(s: &str) -> Result<u64, String> {
+    let (min, max) = (
+        limits::RESOURCE_BYTES.min >> 20,
+        limits::RESOURCE_BYTES.max >> 20,
+    );
+    let range = || format!("'{s}': must be {min}..={max} (MiB)");
+    let mib: u64 = s.parse().map_err(|_| range())?;
+    mib.checked_mul(1 << 20)
+        .and_then(|bytes| limits::RESOURCE_BYTES.check(bytes).ok())
+        .map(|_| mib)
+        .ok_or_else(range)
+}
+
+/// `--max-submit-size SIZE`, returned in bytes.
+pub fn parse_max_submit_size(s: &str) -> Result<u32, String> {
+    let bound = &limits::SUBMIT_BYTES;
+    let range = || {
+        format!(
+            "'{s}': the size must be {}..={}",
+            with_suffix(bound.min),
+            with_suffix(bound.max)
+        )
+    };
+    parse_bytes(s)
+        .ok()
+        .and_then(|bytes| bound.check(bytes).ok())
+        .and_then(|bytes| u32::try_from(bytes).ok())
+        .ok_or_else(range)
 }
 
 /// Parses `WIDTHxHEIGHT`.
@@ -138,7 +226,7 @@ pub fn parse_output(s: &str) -> Result<OutputConfig, String> {
 impl ServeArgs {
     /// The device configuration these options describe.
     pub fn device_config(&self) -> Result<DeviceConfig, String> {
-        let mut config = DeviceConfig::default();
+        let mut config = DeviceConfig::with_limits(self.limits()?);
         if !self.outputs.is_empty() {
             if self.outputs.len() > MAX_SCANOUTS {
                 return Err(format!(
@@ -162,13 +250,32 @@ impl ServeArgs {
         } else if self.hostmem.is_some() {
             config.num_capsets = renderer_worker::NUM_CAPSETS;
         }
-        if let Some(mib) = self.max_resource_memory {
-            config.limits = Limits {
-                max_resource_bytes: mib << 20,
-                ..config.limits
-            };
-        }
         Ok(config)
+    }
+
+    /// The per-VM limits: the policy's defaults, with what the options change. The
+    /// options' parsers already bounded each value; `validate` is the policy's last word.
+    pub fn limits(&self) -> Result<protocol::config::Limits, String> {
+        let mut l = limits::DEFAULT;
+        if let Some(n) = self.max_resources {
+            l.max_resources = n;
+        }
+        if let Some(mib) = self.max_resource_memory {
+            l.max_resource_bytes = mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| format!("--max-resource-memory {mib}: too large"))?;
+        }
+        if let Some(n) = self.max_contexts {
+            l.max_contexts = n;
+        }
+        if let Some(bytes) = self.max_submit_size {
+            l.max_submit_bytes = bytes;
+        }
+        if let Some(n) = self.max_mappings {
+            l.max_mappings = n;
+        }
+        limits::validate(&l).map_err(|e| e.to_string())?;
+        Ok(l)
     }
 }
 
@@ -199,7 +306,7 @@ fn virgl_works() -> bool {
 #[cfg(feature = "virgl")]
 pub fn probe_virgl() -> Result<u32, String> {
     use renderer_worker::Renderer;
-    let r = renderer_worker::VirglRenderer::new(Limits::default(), None, |_| {})
+    let r = renderer_worker::VirglRenderer::new(limits::DEFAULT, None, |_| {})
         .map_err(|e| e.to_string())?;
     match r.num_capsets() {
         n if n >= VIRGL_CAPSETS => Ok(n),
@@ -258,6 +365,81 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn limit_options_parse_and_reject() {
+        assert_eq!(parse_max_resources("1"), Ok(1));
+        assert_eq!(parse_max_resources("1048576"), Ok(1 << 20));
+        assert_eq!(parse_max_contexts("1024"), Ok(1024));
+        assert_eq!(parse_max_mappings("32768"), Ok(32768));
+        assert_eq!(parse_max_resource_memory("65536"), Ok(65536));
+        assert_eq!(parse_max_submit_size("4K"), Ok(4096));
+        assert_eq!(parse_max_submit_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_max_submit_size("8192"), Ok(8192));
+        type Parse = fn(&str) -> Result<u64, String>;
+        let bad: [(Parse, &[&str]); 5] = [
+            (
+                |s| parse_max_resources(s).map(u64::from),
+                &["0", "1048577", "-1", "x", ""],
+            ),
+            (
+                |s| parse_max_contexts(s).map(u64::from),
+                &["0", "1025", "1.5", "99999999999999999999"],
+            ),
+            (|s| parse_max_mappings(s).map(u64::from), &["0", "32769"]),
+            (
+                parse_max_resource_memory,
+                &["0", "65537", "18446744073709551615", "1G"],
+            ),
+            (
+                |s| parse_max_submit_size(s).map(u64::from),
+                &["0", "4095", "64M1", "65M", "1G", "99999999999G"],
+            ),
+        ];
+        for (parse, values) in bad {
+            for v in values {
+                let err = parse(v).expect_err(v);
+                assert!(
+                    err.contains(&format!("'{v}'")) && !err.contains('\n'),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn limit_options_reach_the_device_config() {
+        let cli = Cli::try_parse_from([
+            "vgpu-sandbox",
+            "--max-resources",
+            "7",
+            "--max-resource-memory",
+            "3",
+            "--max-contexts",
+            "5",
+            "--max-submit-size",
+            "16K",
+            "--max-mappings",
+            "9",
+        ])
+        .unwrap();
+        let l = cli.serve.device_config().unwrap().limits;
+        assert_eq!(
+            (
+                l.max_resources,
+                l.max_resource_bytes,
+                l.max_contexts,
+                l.max_submit_bytes,
+                l.max_mappings
+            ),
+            (7, 3 << 20, 5, 16 << 10, 9)
+        );
+        let defaults = Cli::try_parse_from(["vgpu-sandbox"]).unwrap();
+        assert_eq!(
+            defaults.serve.device_config().unwrap().limits,
+            limits::DEFAULT
+        );
     }
 
     #[test]

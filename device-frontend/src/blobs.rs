@@ -137,6 +137,11 @@ impl Control {
                 if self.blobs.contexts.contains_key(&ctx_id) {
                     return Ok(Err(ErrorCode::InvalidContextId));
                 }
+                let max = self.config.limits.max_contexts;
+                if u32::try_from(self.blobs.contexts.len()).map_or(true, |n| n >= max) {
+                    crate::guest_warn!("CTX_CREATE {ctx_id}: {max} contexts exist already");
+                    return Ok(Err(ErrorCode::OutOfMemory));
+                }
                 self.blobs.contexts.insert(ctx_id, kind);
                 let op = RendererOp::CreateContext {
                     ctx_id,
@@ -419,12 +424,14 @@ impl Control {
         let s = &self.scanouts[scanout_id as usize];
         let reuse = s.resource_id == resource_id && s.blob == Some(layout) && s.buffer.is_some();
         if !reuse {
-            // width <= max_dimension: the packed row fits a u32.
-            let (fds, size) =
-                match self.install_scanout_buffer(scanout_id, fb.width * 4, fb.height)? {
-                    Ok(installed) => installed,
-                    Err(code) => return Ok(Err(code)),
-                };
+            // width <= max_dimension (checked by blob_fb_layout): the packed row fits a u32.
+            let Some(row) = fb.width.checked_mul(4) else {
+                return Ok(Err(ErrorCode::InvalidParameter));
+            };
+            let (fds, size) = match self.install_scanout_buffer(scanout_id, row, fb.height)? {
+                Ok(installed) => installed,
+                Err(code) => return Ok(Err(code)),
+            };
             let op = RendererOp::SetScanoutBlobBuffer {
                 scanout_id,
                 resource_id,
@@ -460,7 +467,9 @@ impl Control {
         if slot.state != MapState::Unmapped {
             return Ok(Err(ErrorCode::Unspec));
         }
-        let len = slot.size.div_ceil(PAGE) * PAGE;
+        // A blob larger than the window cannot fit at any offset (its size is also within
+        // the byte budget, so the rounding cannot overflow; checked all the same).
+        let len = page_len(slot.size).unwrap_or(u64::MAX);
         let fits =
             offset.is_multiple_of(PAGE) && offset.checked_add(len).is_some_and(|end| end <= window);
         if !fits || self.window_overlaps(offset, len) {
@@ -469,6 +478,21 @@ impl Control {
                  {window:#x}-byte window, unaligned, or over a live mapping"
             );
             return Ok(Err(ErrorCode::InvalidParameter));
+        }
+        // Every blob from its MAP_BLOB until its unmap completed holds a mapping (the VMM's
+        // mmap and fd); the per-VM limit bounds them.
+        let max = self.config.limits.max_mappings;
+        let live = self
+            .blobs
+            .slots
+            .values()
+            .filter(|s| s.state != MapState::Unmapped)
+            .count();
+        if u32::try_from(live).map_or(true, |n| n >= max) {
+            crate::guest_warn!(
+                "MAP_BLOB of resource {resource_id}: {max} blobs are mapped already"
+            );
+            return Ok(Err(ErrorCode::OutOfMemory));
         }
         if self.blobs.vmm.is_none() {
             log::warn!("MAP_BLOB before the VMM set up its backend request channel");
@@ -482,14 +506,15 @@ impl Control {
     /// Whether `[offset, offset+len)` touches a range some blob holds in the window.
     fn window_overlaps(&self, offset: u64, len: u64) -> bool {
         self.blobs.slots.values().any(|s| {
+            let blob_len = page_len(s.size).unwrap_or(u64::MAX);
             let reserved = match s.state {
                 MapState::Unmapped => None,
                 // A pending map holds its whole page-rounded blob size.
-                MapState::MapPending { offset, .. } => Some((offset, s.size.div_ceil(PAGE) * PAGE)),
+                MapState::MapPending { offset, .. } => Some((offset, blob_len)),
                 other => other.range(),
             };
             reserved.is_some_and(|(o, l)| {
-                let l = l.max(s.size.div_ceil(PAGE) * PAGE);
+                let l = l.max(blob_len);
                 offset < o.saturating_add(l) && o < offset.saturating_add(len)
             })
         })
@@ -610,8 +635,11 @@ impl Control {
                             .ok()
                             .and_then(|mut v| (v.len() == 1).then(|| v.remove(0)));
                         let blob_size = self.blobs.slots.get(&resource_id).map_or(0, |s| s.size);
-                        match fd {
-                            Some(fd)
+                        // size <= blob_size, which map_blob fitted in the window, so the
+                        // rounding cannot overflow; a None is refused all the same.
+                        let len = page_len(size);
+                        match (fd, len) {
+                            (Some(fd), Some(len))
                                 if echoed == resource_id
                                     && size > 0
                                     && size <= blob_size
@@ -620,7 +648,6 @@ impl Control {
                                 if let Some(slot) = self.blobs.slots.get_mut(&resource_id) {
                                     slot.export = Some(fd);
                                 }
-                                let len = size.div_ceil(PAGE) * PAGE;
                                 Event::RendererMapReady(Export { len, map_info })
                             }
                             _ => {
@@ -822,6 +849,11 @@ pub fn num_capsets(config: &protocol::config::DeviceConfig) -> u32 {
     } else {
         0
     }
+}
+
+/// `size` rounded up to whole pages; None where that overflows.
+fn page_len(size: u64) -> Option<u64> {
+    size.div_ceil(PAGE).checked_mul(PAGE)
 }
 
 /// The header's ring index, which only counts with VIRTIO_GPU_FLAG_INFO_RING_IDX.

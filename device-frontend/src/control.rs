@@ -533,10 +533,7 @@ impl Control {
         };
         let outcome = match bytes {
             Ok(bytes) => {
-                let limits = crate::decode::DecodeLimits {
-                    max_backing_entries: self.config.limits.max_backing_entries,
-                    max_submit_bytes: self.config.max_submit_bytes,
-                };
+                let limits = crate::decode::DecodeLimits::from(&self.config.limits);
                 let decoded = if self.config.virgl {
                     crate::decode::decode_virgl(queue, &bytes, limits)
                 } else {
@@ -574,9 +571,12 @@ impl Control {
         use protocol::virtio_gpu::{CMD_SUBMIT_SIZE, RESOURCE_CREATE_BLOB_SIZE};
         // The largest command the limits allow: a CREATE_BLOB (the larger fixed part of the
         // two commands with entries) with every entry, or a SUBMIT_3D with its whole stream.
-        let entries =
-            RESOURCE_CREATE_BLOB_SIZE + 16 * self.config.limits.max_backing_entries as usize;
-        let submit = CMD_SUBMIT_SIZE + self.config.max_submit_bytes as usize;
+        // The limits are validated (policy::limits), so this is a few MiB at most.
+        let limits = &self.config.limits;
+        let entries = (limits.max_backing_entries as usize)
+            .saturating_mul(protocol::virtio_gpu::MEM_ENTRY_SIZE)
+            .saturating_add(RESOURCE_CREATE_BLOB_SIZE);
+        let submit = (limits.max_submit_bytes as usize).saturating_add(CMD_SUBMIT_SIZE);
         entries.max(submit).max(4096)
     }
 
@@ -698,15 +698,21 @@ fn render_error_code(e: &protocol::ipc::RenderError) -> ErrorCode {
     }
 }
 
-/// Gathers the readable part of a chain, refusing chains longer than `max` bytes before
-/// allocating anything for them.
+/// Gathers the readable part of a chain, at most `max` bytes, allocating no more than
+/// that.
+///
+/// A longer chain is read only up to `max`: no valid command is longer (the limits bound
+/// the two commands of variable length, and `max` is their largest), and the decoder
+/// ignores a body's excess anyway, so the rest can never matter. Cutting it off instead of
+/// refusing the chain makes an oversized command meet the check it fails on: a SUBMIT_3D
+/// over the per-VM size limit is ERR_OUT_OF_MEMORY however long its chain is.
 fn read_request(chain: &Chain, max: usize) -> Result<Vec<u8>, String> {
     let mut reader = Reader::new(chain.memory(), chain.clone()).map_err(|e| e.to_string())?;
     let len = reader.available_bytes();
     if len > max {
-        return Err(format!("{len} readable bytes, at most {max} accepted"));
+        log::debug!("{len} readable bytes: only the first {max} are read");
     }
-    let mut bytes = vec![0u8; len];
+    let mut bytes = vec![0u8; len.min(max)];
     reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
     Ok(bytes)
 }

@@ -19,8 +19,9 @@ use protocol::ipc::{BackingEntry, Box3d, Resource3d};
 use protocol::virtio_gpu::*;
 use thiserror::Error;
 
-/// The default bound on SUBMIT_3D's command stream, in bytes.
-pub const DEFAULT_MAX_SUBMIT_BYTES: u32 = 1 << 20;
+/// The default bound on SUBMIT_3D's command stream, in bytes (the per-VM default of
+/// `policy::limits`).
+pub const DEFAULT_MAX_SUBMIT_BYTES: u32 = policy::limits::DEFAULT.max_submit_bytes;
 
 /// The bounds the decoder enforces before it allocates anything for a request, so a
 /// request can make the decoder allocate at most what these allow and its own bytes hold.
@@ -32,6 +33,15 @@ pub struct DecodeLimits {
     pub max_backing_entries: u32,
     /// Most bytes of commands in one SUBMIT_3D.
     pub max_submit_bytes: u32,
+}
+
+impl From<&protocol::config::Limits> for DecodeLimits {
+    fn from(limits: &protocol::config::Limits) -> Self {
+        DecodeLimits {
+            max_backing_entries: limits.max_backing_entries,
+            max_submit_bytes: limits.max_submit_bytes,
+        }
+    }
 }
 
 /// The virtqueue a request arrived on; each accepts only its own commands.
@@ -179,7 +189,8 @@ pub enum DecodeErrorKind {
         /// The `nlen` field.
         nlen: u32,
     },
-    /// SUBMIT_3D with a command stream larger than allowed.
+    /// SUBMIT_3D with a command stream larger than the per-VM limit allows: a budget
+    /// exceeded, so ERR_OUT_OF_MEMORY, whether or not the bytes are there.
     #[error("SUBMIT_3D of {size} bytes, at most {max} are allowed")]
     SubmitTooLarge {
         /// The `size` field.
@@ -265,8 +276,8 @@ impl DecodeErrorKind {
             ZeroResourceId { .. } => ErrorCode::InvalidResourceId,
             ZeroContextId { .. } => ErrorCode::InvalidContextId,
             InvalidScanoutId(_) => ErrorCode::InvalidScanoutId,
+            SubmitTooLarge { .. } => ErrorCode::OutOfMemory,
             NameTooLong { .. }
-            | SubmitTooLarge { .. }
             | InvalidBlobMem(_)
             | InvalidBlobFlags(_)
             | ZeroBlobSize
@@ -1690,7 +1701,7 @@ mod tests {
                     size,
                     max: SUBMIT_MAX,
                 },
-                ErrorCode::InvalidParameter,
+                ErrorCode::OutOfMemory,
             );
         }
         rejects(
@@ -2085,7 +2096,7 @@ mod tests {
             (K::NameTooLong { nlen: 65 }, ErrorCode::InvalidParameter),
             (
                 K::SubmitTooLarge { size: 2, max: 1 },
-                ErrorCode::InvalidParameter,
+                ErrorCode::OutOfMemory,
             ),
             (K::InvalidBlobMem(9), ErrorCode::InvalidParameter),
             (K::InvalidBlobFlags(9), ErrorCode::InvalidParameter),

@@ -230,6 +230,9 @@ impl Control {
         };
         let was_enabled = s.is_enabled();
         *s = Default::default();
+        // Its buffer is gone: give its bytes back to the budget.
+        let total = self.scanout_bytes_except(None);
+        self.resources.set_scanout_bytes(total);
         if was_enabled {
             self.request(
                 RendererOp::DisableScanout { scanout_id },
@@ -270,7 +273,10 @@ impl Control {
             );
             return Ok(Err(ErrorCode::InvalidParameter));
         };
-        let stride = resource.width * 4;
+        // width <= max_dimension (policy::limits bounds it far below u32::MAX / 4).
+        let Some(stride) = resource.width.checked_mul(4) else {
+            return Ok(Err(ErrorCode::InvalidParameter));
+        };
         let s = &self.scanouts[scanout_id as usize];
         let reuse = s.resource_id == resource_id
             && s.blob.is_none()
@@ -381,18 +387,50 @@ impl Control {
         Ok(Ok(None))
     }
 
+    /// Bytes of every scanout's buffer, but for `except` (whose buffer is about to be
+    /// replaced).
+    fn scanout_bytes_except(&self, except: Option<u32>) -> u64 {
+        self.scanouts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != except.map(|id| id as usize))
+            .filter_map(|(_, s)| s.buffer.as_ref())
+            .map(|b| b.len() as u64)
+            .sum()
+    }
+
     /// Allocates a sealed scanout buffer of `stride * height` bytes, installs it on the
-    /// scanout and puts its fd on the lane; Err(OutOfMemory) when the host cannot.
+    /// scanout (in place of its old one) and puts its fd on the lane. Err(OutOfMemory) when
+    /// the per-VM byte budget (which scanout buffers share with resources) or the host
+    /// cannot hold it; the budget is checked before anything is allocated.
     pub(crate) fn install_scanout_buffer(
         &mut self,
         scanout_id: u32,
         stride: u32,
         height: u32,
     ) -> Result<Result<(protocol::lane::FdTicket, u64), ErrorCode>, FrontendError> {
+        let others = self.scanout_bytes_except(Some(scanout_id));
+        let wanted = u64::from(stride)
+            .checked_mul(u64::from(height))
+            .and_then(|len| len.checked_add(others));
+        let reserved = wanted.map_or(Err(ErrorCode::OutOfMemory), |total| {
+            self.resources.reserve_scanout_bytes(total)
+        });
+        if let Err(code) = reserved {
+            crate::guest_warn!(
+                "scanout {scanout_id}: a buffer of {height} rows of {stride} bytes exceeds \
+                 the memory budget ({} bytes of resources, {others} of other scanouts)",
+                self.resources.bytes_in_use()
+            );
+            return Ok(Err(code));
+        }
         let buffer = match ScanoutBuffer::new(stride, height) {
             Ok(b) => b,
             Err(e) => {
                 crate::guest_warn!("scanout {scanout_id}: buffer allocation failed: {e}");
+                // The old buffer (if any) is still installed: charge what really exists.
+                let total = self.scanout_bytes_except(None);
+                self.resources.set_scanout_bytes(total);
                 return Ok(Err(ErrorCode::OutOfMemory));
             }
         };

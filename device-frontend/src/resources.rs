@@ -153,6 +153,11 @@ pub struct ResourceTable {
     limits: Limits,
     resources: HashMap<u32, Resource>,
     bytes_in_use: u64,
+    /// Bytes of the scanout buffers the frontend made to show resources (sealed memfds the
+    /// renderer fills): host memory the guest causes as much as a resource's, charged to
+    /// the same budget (without it, one resource shown on 16 scanouts would cost 17 times
+    /// its size).
+    scanout_bytes: u64,
 }
 
 impl ResourceTable {
@@ -162,6 +167,7 @@ impl ResourceTable {
             limits,
             resources: HashMap::new(),
             bytes_in_use: 0,
+            scanout_bytes: 0,
         }
     }
 
@@ -183,6 +189,37 @@ impl ResourceTable {
     /// Host bytes accounted to live resources.
     pub fn bytes_in_use(&self) -> u64 {
         self.bytes_in_use
+    }
+
+    /// Host bytes accounted to scanout buffers.
+    pub fn scanout_bytes(&self) -> u64 {
+        self.scanout_bytes
+    }
+
+    /// Whether `bytes` more fit the budget beside resources and scanout buffers of
+    /// `scanout_bytes`.
+    fn fits(&self, scanout_bytes: u64, bytes: u64) -> bool {
+        self.bytes_in_use
+            .checked_add(scanout_bytes)
+            .and_then(|used| used.checked_add(bytes))
+            .is_some_and(|total| total <= self.limits.max_resource_bytes)
+    }
+
+    /// Charges scanout buffers of `total` bytes in all (instead of what was charged for
+    /// them so far), if the budget allows it; Err(OutOfMemory) changes nothing. Call it
+    /// before a buffer is made.
+    pub fn reserve_scanout_bytes(&mut self, total: u64) -> Result<(), ErrorCode> {
+        if total > self.scanout_bytes && !self.fits(total, 0) {
+            return Err(ErrorCode::OutOfMemory);
+        }
+        self.scanout_bytes = total;
+        Ok(())
+    }
+
+    /// Records that the scanout buffers now take `total` bytes (after one was dropped, or
+    /// a reserved one could not be made). Never refused.
+    pub fn set_scanout_bytes(&mut self, total: u64) {
+        self.scanout_bytes = total;
     }
 
     /// Admits a new 2D resource, charging its bytes to the budget.
@@ -240,12 +277,9 @@ impl ResourceTable {
     /// allow it.
     fn admit(&mut self, id: u32, resource: Resource) -> Result<(), ErrorCode> {
         let bytes = resource.byte_size();
-        if self.resources.len() >= self.limits.max_resources as usize
-            || self
-                .bytes_in_use
-                .checked_add(bytes)
-                .is_none_or(|total| total > self.limits.max_resource_bytes)
-        {
+        let count_ok =
+            u32::try_from(self.resources.len()).is_ok_and(|n| n < self.limits.max_resources);
+        if !count_ok || !self.fits(self.scanout_bytes, bytes) {
             return Err(ErrorCode::OutOfMemory);
         }
         self.bytes_in_use += bytes;
@@ -382,10 +416,11 @@ impl ResourceTable {
         Ok(resource)
     }
 
-    /// Drops every resource (device reset).
+    /// Drops every resource (device reset, which drops the scanout buffers too).
     pub fn clear(&mut self) {
         self.resources.clear();
         self.bytes_in_use = 0;
+        self.scanout_bytes = 0;
     }
 }
 
@@ -400,6 +435,7 @@ mod tests {
             max_resource_bytes: 64 * 64 * 4 * 2,
             max_dimension: 4096,
             max_backing_entries: 16,
+            ..policy::limits::DEFAULT
         })
     }
 
@@ -419,6 +455,29 @@ mod tests {
         t.remove(1).unwrap();
         assert_eq!(t.bytes_in_use(), 64 * 64 * 4);
         assert_eq!(t.remove(1), Err(ErrorCode::InvalidResourceId));
+    }
+
+    #[test]
+    fn scanout_buffers_share_the_byte_budget() {
+        let mut t = table();
+        let f = Format::B8G8R8X8Unorm;
+        let one = 64 * 64 * 4;
+        t.create_2d(1, f, 64, 64).unwrap();
+        // The resource's own size again, for the scanout showing it: the budget is full.
+        assert_eq!(t.reserve_scanout_bytes(one), Ok(()));
+        assert_eq!(t.create_2d(2, f, 1, 1), Err(ErrorCode::OutOfMemory));
+        // A second scanout of it would exceed the budget; nothing changes.
+        assert_eq!(
+            t.reserve_scanout_bytes(2 * one),
+            Err(ErrorCode::OutOfMemory)
+        );
+        assert_eq!(t.scanout_bytes(), one);
+        // Shrinking is never refused, and gives the bytes back.
+        t.set_scanout_bytes(0);
+        assert_eq!(t.create_2d(2, f, 64, 64), Ok(()));
+        assert_eq!(t.reserve_scanout_bytes(1), Err(ErrorCode::OutOfMemory));
+        t.clear();
+        assert_eq!((t.bytes_in_use(), t.scanout_bytes()), (0, 0));
     }
 
     #[test]
@@ -501,6 +560,7 @@ mod tests {
             max_resource_bytes: 64 * 64 * 16 * 2,
             max_dimension: 4096,
             max_backing_entries: 16,
+            ..policy::limits::DEFAULT
         });
         let a = args(PIPE_TEXTURE_2D, 64, 64, 1, 1, 0);
         assert_eq!(t.create_3d(0, a), Err(ErrorCode::InvalidResourceId));
@@ -560,7 +620,7 @@ mod tests {
         let mut t = table();
         t.create_2d(1, Format::R8G8B8A8Unorm, 4, 4).unwrap();
         t.create_blob(2, 4096).unwrap();
-        let mut t3 = ResourceTable::new(Limits::default());
+        let mut t3 = ResourceTable::new(policy::limits::DEFAULT);
         t3.create_3d(3, args(PIPE_TEXTURE_2D, 8, 8, 1, 1, 0))
             .unwrap();
         t3.create_3d(4, args(PIPE_TEXTURE_2D_ARRAY, 8, 8, 1, 2, 0))
@@ -602,7 +662,7 @@ mod tests {
 
     #[test]
     fn transfer_3d_bounds() {
-        let mut t = ResourceTable::new(Limits::default());
+        let mut t = ResourceTable::new(policy::limits::DEFAULT);
         // 64x32, levels 0..=2 (64x32, 32x16, 16x8).
         t.create_3d(1, args(PIPE_TEXTURE_2D, 64, 32, 1, 1, 2))
             .unwrap();

@@ -16,12 +16,17 @@
 //!
 //! The allowlists ([`allowed_syscalls`]) are x86_64-only for now; see `src/seccomp/` for
 //! the reasons behind every entry.
+//!
+//! [`limits`] is the other half of the policy: how much of the host one guest may use
+//! (resources, their bytes, contexts, command size, hostmem mappings), the defaults and
+//! why, and the validation of values a user gives.
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("vgpu-policy: the seccomp allowlists are written for x86_64 Linux only");
 
 mod error;
 mod harden;
+pub mod limits;
 pub mod namespaces;
 mod seccomp;
 mod trap;

@@ -11,28 +11,28 @@ pub struct OutputConfig {
     pub height: u32,
 }
 
-/// Per-VM limits that bound what a guest can make the host allocate.
+/// Per-VM limits that bound what a guest can make the host allocate. This is the plain
+/// value both children receive; the defaults, the reason for each, and which values a
+/// user may choose are the policy crate's (`vgpu_policy::limits`), which is why there is
+/// no `Default` here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Most live resources.
+    /// Most live resources (2D, 3D and blobs together).
     pub max_resources: u32,
-    /// Most bytes of host memory all resources together may need.
+    /// Most bytes of host memory all resources together may need: 2D and 3D resources,
+    /// blobs, and the scanout buffers the frontend makes to show them.
     pub max_resource_bytes: u64,
     /// Largest width or height of one resource.
     pub max_dimension: u32,
-    /// Most scatter-gather entries in one ATTACH_BACKING.
+    /// Most scatter-gather entries in one ATTACH_BACKING or CREATE_BLOB.
     pub max_backing_entries: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_resources: 16384,
-            max_resource_bytes: 1 << 30,
-            max_dimension: 16384,
-            max_backing_entries: 1 << 16,
-        }
-    }
+    /// Most live contexts (CTX_CREATE without CTX_DESTROY).
+    pub max_contexts: u32,
+    /// Largest SUBMIT_3D command stream, in bytes.
+    pub max_submit_bytes: u32,
+    /// Most blobs in the host-visible window at once (from RESOURCE_MAP_BLOB until their
+    /// unmap has completed).
+    pub max_mappings: u32,
 }
 
 /// Everything the frontend and the renderer need to know about the device.
@@ -56,8 +56,6 @@ pub struct DeviceConfig {
     pub hostmem: Option<u64>,
     /// Capability sets the renderer offers (config space num_capsets), when blobs are on.
     pub num_capsets: u32,
-    /// Largest SUBMIT_3D command stream accepted, in bytes.
-    pub max_submit_bytes: u32,
     /// The renderer is virglrenderer (VIRTIO_GPU_F_VIRGL, virgl capsets, 3D commands)
     /// instead of rutabaga's 2D and cross-domain components.
     pub virgl: bool,
@@ -75,8 +73,10 @@ pub const MAX_HOSTMEM: u64 = 64 << 30;
 /// The most scanouts virtio-gpu allows.
 pub const MAX_SCANOUTS: usize = 16;
 
-impl Default for DeviceConfig {
-    fn default() -> Self {
+impl DeviceConfig {
+    /// The default device under `limits`: one 1280x800 output whose size the VMM's display
+    /// may decide, EDID on, seccomp on, no hostmem window (no blobs), the 2D renderer.
+    pub fn with_limits(limits: Limits) -> Self {
         DeviceConfig {
             outputs: vec![OutputConfig {
                 width: 1280,
@@ -84,11 +84,10 @@ impl Default for DeviceConfig {
             }],
             display_from_vmm: true,
             edid: true,
-            limits: Limits::default(),
+            limits,
             seccomp: true,
             hostmem: None,
             num_capsets: 0,
-            max_submit_bytes: 1 << 20,
             virgl: false,
             render_node: None,
             keep_listening: false,

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use protocol::config::Limits;
 use protocol::ipc::{BackingEntry, GuestRegion};
 use protocol::virtio_gpu::Rect;
 use vgpu_renderer_worker::{GuestMemory, Renderer, RutabagaRenderer};
@@ -107,10 +106,10 @@ fn main() {
             reps = args.next().and_then(|n| n.parse().ok()).expect("--reps N");
         }
     }
-    let mut renderer = RutabagaRenderer::new(Limits::default(), |_| {}).expect("renderer");
+    let mut renderer = RutabagaRenderer::new(policy::limits::DEFAULT, |_| {}).expect("renderer");
     let whole = guest_memory(true);
     let ranges = guest_memory(false);
-    let max_entries = Limits::default().max_backing_entries as usize;
+    let max_entries = policy::limits::DEFAULT.max_backing_entries as usize;
     println!("attach bench: median of {reps} reps (+1 warm-up), microseconds");
     println!(
         "| resource  | backing                  | mode          | attach+detach | attach+transfer+detach | mappings |"

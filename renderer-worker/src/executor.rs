@@ -5,7 +5,7 @@
 //! the request's fence, so the frontend always sees a request's reply before its
 //! `FenceSignaled` (for 2D the fence completes inside `create_fence`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
@@ -60,6 +60,8 @@ pub struct Executor<R: Renderer> {
     scanouts: Scanouts,
     /// Every live blob's mapping state.
     blobs: BTreeMap<u32, BlobMapState>,
+    /// Live contexts, counted against `limits.max_contexts` whatever the frontend checked.
+    contexts: BTreeSet<u32>,
 }
 
 impl<R: Renderer> std::fmt::Debug for Executor<R> {
@@ -68,6 +70,7 @@ impl<R: Renderer> std::fmt::Debug for Executor<R> {
             .field("ledger", &self.ledger)
             .field("memory", &self.memory)
             .field("blobs", &self.blobs)
+            .field("contexts", &self.contexts)
             .finish_non_exhaustive()
     }
 }
@@ -169,6 +172,7 @@ impl<R: Renderer> Executor<R> {
             memory: None,
             scanouts: Scanouts::new(config.outputs.len()),
             blobs: BTreeMap::new(),
+            contexts: BTreeSet::new(),
         }
     }
 
@@ -306,6 +310,19 @@ impl<R: Renderer> Executor<R> {
 
     fn map_blob(&mut self, resource_id: u32) -> Result<ReplyBody, RenderError> {
         self.expect_blob(resource_id, "Map", BlobMapState::Idle)?;
+        // An export is a mapping until its Finalize: bounded here too, not only in the
+        // frontend (which counts from MAP_BLOB to FinalizeAck, so it always counts more).
+        let live = self
+            .blobs
+            .values()
+            .filter(|s| **s != BlobMapState::Idle)
+            .count();
+        let max = self.limits.max_mappings;
+        if u32::try_from(live).map_or(true, |n| n >= max) {
+            return Err(RenderError::OutOfMemory(format!(
+                "{live} blobs exported for mapping, at most {max}"
+            )));
+        }
         let exported = self.renderer.export_blob(resource_id)?;
         let fds = self
             .lane
@@ -466,10 +483,21 @@ impl<R: Renderer> Executor<R> {
                 context_init,
                 name,
             } => {
+                let max = self.limits.max_contexts;
+                let full = u32::try_from(self.contexts.len()).map_or(true, |n| n >= max);
+                if full && !self.contexts.contains(&ctx_id) {
+                    return Err(RenderError::OutOfMemory(format!(
+                        "{} contexts already, at most {max}",
+                        self.contexts.len()
+                    )));
+                }
                 let name = String::from_utf8_lossy(&name);
                 self.renderer.create_context(ctx_id, context_init, &name)?;
+                self.contexts.insert(ctx_id);
             }
             RendererOp::DestroyContext { ctx_id } => {
+                // The backend has let the context go even if it complained.
+                self.contexts.remove(&ctx_id);
                 self.renderer.destroy_context(ctx_id)?;
             }
             RendererOp::AttachResource {
@@ -491,6 +519,13 @@ impl<R: Renderer> Executor<R> {
                 ring_idx,
                 mut commands,
             } => {
+                let max = self.limits.max_submit_bytes;
+                if u32::try_from(commands.len()).map_or(true, |n| n > max) {
+                    return Err(RenderError::OutOfMemory(format!(
+                        "SUBMIT_3D of {} bytes, at most {max}",
+                        commands.len()
+                    )));
+                }
                 self.renderer.submit_3d(ctx_id, ring_idx, &mut commands)?;
             }
             RendererOp::CreateResource3d { resource_id, args } => {
@@ -562,6 +597,7 @@ impl<R: Renderer> Executor<R> {
                 let result = self.renderer.reset();
                 self.ledger.clear();
                 self.blobs.clear();
+                self.contexts.clear();
                 self.memory = None;
                 log::info!("device reset");
                 result?;

@@ -48,6 +48,25 @@ pub fn packed_size(width: u32, height: u32) -> Option<u64> {
         .checked_mul(u64::from(BYTES_PER_PIXEL))
 }
 
+/// Checks the arguments of a new 2D resource against the virtio-gpu formats and the
+/// per-VM maximum side, as every backend must before its library sees them.
+pub fn check_new_2d(
+    format: u32,
+    width: u32,
+    height: u32,
+    max_dimension: u32,
+) -> Result<(), RenderError> {
+    if !crate::backend::VIRTIO_GPU_FORMATS.contains(&format) {
+        return Err(RenderError::InvalidParameter(format!("format {format}")));
+    }
+    if width == 0 || height == 0 || width > max_dimension || height > max_dimension {
+        return Err(RenderError::InvalidParameter(format!(
+            "size {width}x{height} (at most {max_dimension} per side)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ pub use events::{EventSink, SinkClosed};
 pub use executor::Executor;
 pub use guest_memory::{Backing, GuestMemory, HostIovec, MAX_REGIONS};
 pub use rutabaga_renderer::{
-    check_cross_domain_commands, Rutabaga2d, RutabagaRenderer, CAPSETS, MAX_CONTEXTS,
+    check_cross_domain_commands, Rutabaga2d, RutabagaRenderer, CAPSETS,
     MAX_IMAGE_QUERIES_PER_CONTEXT, NUM_CAPSETS,
 };
 pub use sandbox::enter_jail;

@@ -132,6 +132,24 @@ impl ResourceLedger {
                 args.width, args.height, args.depth, args.array_size
             )));
         }
+        // A full mip chain ends at 1x1(x1): level floor(log2(largest side)); a buffer has
+        // one level. The frontend refuses more (its decoder), and so does this ledger:
+        // the shape is kept for later transfer checks, which shift by the level.
+        let mut largest = args.width.max(args.height);
+        if args.target == protocol::virtio_gpu::PIPE_TEXTURE_3D {
+            largest = largest.max(args.depth);
+        }
+        let max_level = if args.is_buffer() {
+            0
+        } else {
+            largest.checked_ilog2().unwrap_or(0)
+        };
+        if args.last_level > max_level {
+            return Err(RenderError::InvalidParameter(format!(
+                "last mip level {} (at most {max_level} for its size)",
+                args.last_level
+            )));
+        }
         let bytes = args
             .host_bytes()
             .ok_or_else(|| RenderError::OutOfMemory("3D resource size overflows".into()))?;
@@ -189,6 +207,7 @@ mod tests {
             max_resource_bytes: 1000,
             max_dimension: 16,
             max_backing_entries: 4,
+            ..policy::limits::DEFAULT
         };
         let mut ledger = ResourceLedger::new(limits);
         assert!(ledger.admit(0, 1, 1).is_err());
@@ -223,6 +242,7 @@ mod tests {
             max_resource_bytes: 1000,
             max_dimension: 16,
             max_backing_entries: 4,
+            ..policy::limits::DEFAULT
         };
         let mut ledger = ResourceLedger::new(limits);
         assert!(ledger.admit_blob(0, 1).is_err());
@@ -247,5 +267,45 @@ mod tests {
         ));
         assert_eq!(ledger.remove(1).map(|i| i.bytes), Some(600));
         assert_eq!(ledger.total_bytes(), 0);
+    }
+
+    #[test]
+    fn three_d_mip_levels_are_bounded_by_the_largest_side() {
+        use protocol::ipc::Resource3d;
+        use protocol::virtio_gpu::{PIPE_BUFFER, PIPE_TEXTURE_2D, PIPE_TEXTURE_3D};
+        let ledger = ResourceLedger::new(policy::limits::DEFAULT);
+        let tex = |target, width, height, depth, last_level| Resource3d {
+            target,
+            width,
+            height,
+            depth,
+            array_size: 1,
+            last_level,
+            ..Resource3d::default()
+        };
+        // 64x32: levels 0..=6; a 3D texture's depth counts, a buffer has level 0 only.
+        assert!(ledger
+            .admit_3d(1, &tex(PIPE_TEXTURE_2D, 64, 32, 1, 6))
+            .is_ok());
+        for (what, args) in [
+            ("2D, level 7", tex(PIPE_TEXTURE_2D, 64, 32, 1, 7)),
+            (
+                "2D, level u32::MAX",
+                tex(PIPE_TEXTURE_2D, 64, 32, 1, u32::MAX),
+            ),
+            ("3D 4x4x256, level 9", tex(PIPE_TEXTURE_3D, 4, 4, 256, 9)),
+            ("buffer, level 1", tex(PIPE_BUFFER, 4096, 1, 1, 1)),
+        ] {
+            assert!(
+                matches!(
+                    ledger.admit_3d(1, &args),
+                    Err(RenderError::InvalidParameter(_))
+                ),
+                "{what}"
+            );
+        }
+        assert!(ledger
+            .admit_3d(1, &tex(PIPE_TEXTURE_3D, 4, 4, 256, 8))
+            .is_ok());
     }
 }

@@ -37,9 +37,7 @@ use rutabaga_gfx::{
     RUTABAGA_PIPE_BIND_RENDER_TARGET, RUTABAGA_PIPE_TEXTURE_2D,
 };
 
-use crate::backend::{
-    BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS,
-};
+use crate::backend::{BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL};
 use crate::geometry::{check_rect_inside, is_empty, packed_size, strided_extent};
 use crate::guest_memory::Backing;
 
@@ -50,14 +48,11 @@ pub const CAPSETS: [u32; 1] = [VIRTIO_GPU_CAPSET_CROSS_DOMAIN];
 /// same; [`Renderer::num_capsets`] reports the built value, which a test pins to this).
 pub const NUM_CAPSETS: u32 = CAPSETS.len() as u32;
 
-/// Most live contexts. Each cross-domain context keeps a table rutabaga never shrinks (see
-/// [`MAX_IMAGE_QUERIES_PER_CONTEXT`]), so their number is bounded.
-pub const MAX_CONTEXTS: usize = 64;
-
 /// Most CROSS_DOMAIN_CMD_GET_IMAGE_REQUIREMENTS one context may run. Rutabaga records every
 /// answer in the context's item table for the context's whole life (a blob_id stays
 /// usable), so an unbounded number would let a guest grow the renderer's memory without
-/// limit: about 150 bytes per query, at most ~2.5 MiB per context, ~160 MiB for all.
+/// limit: about 150 bytes per query, at most ~2.5 MiB per context, ~160 MiB for the default
+/// 64 contexts (`Limits::max_contexts`, see `vgpu_policy::limits`).
 pub const MAX_IMAGE_QUERIES_PER_CONTEXT: u32 = 1 << 14;
 
 /// Cross-domain protocol: every command starts with this 8-byte header
@@ -335,15 +330,7 @@ impl Renderer for RutabagaRenderer {
         if resource_id == 0 || self.resources.contains_key(&resource_id) {
             return Err(RenderError::InvalidResource(resource_id));
         }
-        if !VIRTIO_GPU_FORMATS.contains(&format) {
-            return Err(RenderError::InvalidParameter(format!("format {format}")));
-        }
-        let max = self.limits.max_dimension;
-        if width == 0 || height == 0 || width > max || height > max {
-            return Err(RenderError::InvalidParameter(format!(
-                "size {width}x{height} (at most {max} per side)"
-            )));
-        }
+        crate::geometry::check_new_2d(format, width, height, self.limits.max_dimension)?;
         // Rutabaga computes the stride as a u32 and allocates the whole buffer at once;
         // both must be bounded before it sees the numbers.
         let bytes = packed_size(width, height)
@@ -594,10 +581,12 @@ impl Renderer for RutabagaRenderer {
         if !CAPSETS.contains(&capset_id) {
             return Err(invalid(format!("context capset {capset_id} not offered")));
         }
-        if self.contexts.len() >= MAX_CONTEXTS {
-            return Err(RenderError::OutOfMemory(format!(
-                "{MAX_CONTEXTS} contexts already"
-            )));
+        // Each cross-domain context keeps a table rutabaga never shrinks (see
+        // [`MAX_IMAGE_QUERIES_PER_CONTEXT`]): the per-VM context limit bounds them here
+        // too, so the backend is safe on its own.
+        let max = self.limits.max_contexts;
+        if u32::try_from(self.contexts.len()).map_or(true, |n| n >= max) {
+            return Err(RenderError::OutOfMemory(format!("{max} contexts already")));
         }
         self.cross
             .create_context(ctx_id, context_init, Some(name))
@@ -940,9 +929,10 @@ mod tests {
     fn fixture() -> Fixture {
         let fences = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&fences);
-        let renderer =
-            RutabagaRenderer::new(Limits::default(), move |f| sink.lock().unwrap().push(f))
-                .expect("rutabaga 2D builds");
+        let renderer = RutabagaRenderer::new(policy::limits::DEFAULT, move |f| {
+            sink.lock().unwrap().push(f)
+        })
+        .expect("rutabaga 2D builds");
         let fd = memfd_with(0x1000, |_| 0);
         let guest = File::from(fd.try_clone().unwrap());
         let memory = GuestMemory::new(
@@ -1127,7 +1117,7 @@ mod tests {
         let mut small = RutabagaRenderer::new(
             Limits {
                 max_resource_bytes: 1 << 20,
-                ..Limits::default()
+                ..policy::limits::DEFAULT
             },
             |_| {},
         )
@@ -1503,7 +1493,7 @@ mod tests {
         }
         let r = fx.renderer.submit_3d(CTX, 0, &mut cmd(2, &[1, 1, XR24, 0]));
         assert!(matches!(r, Err(RenderError::OutOfMemory(_))), "{r:?}");
-        for ctx in 2..=MAX_CONTEXTS as u32 {
+        for ctx in 2..=policy::limits::DEFAULT.max_contexts {
             fx.renderer.create_context(ctx, 5, "").unwrap();
         }
         let r = fx.renderer.create_context(1000, 5, "");

@@ -235,7 +235,7 @@ fn config() -> DeviceConfig {
             2
         ],
         seccomp: false,
-        ..DeviceConfig::default()
+        ..DeviceConfig::with_limits(policy::limits::DEFAULT)
     }
 }
 
@@ -448,6 +448,7 @@ fn hostile_requests_are_refused_and_the_lane_stays_in_step() {
         max_resource_bytes: 64 * 64 * 4 * 2,
         max_dimension: 64,
         max_backing_entries: 8,
+        ..policy::limits::DEFAULT
     };
     let mut fe = Frontend::start(DeviceConfig { limits, ..config() });
     let _guest = fe.set_guest_memory();
@@ -901,7 +902,7 @@ fn blob_bytes_count_against_the_limits() {
     let limits = Limits {
         max_resources: 4,
         max_resource_bytes: 3 * 4096,
-        ..Limits::default()
+        ..policy::limits::DEFAULT
     };
     let mut fe = Frontend::start(DeviceConfig { limits, ..config() });
     let (guest_a, _b) = fe.set_guest_memory();
@@ -1205,5 +1206,77 @@ fn blob_scanout_flush_copies_rows_with_the_blob_layout() {
         rect: rect(0, 0, 1, 1),
     });
     assert_eq!(r, Err(RenderError::InvalidResource(5)));
+    fe.finish().unwrap();
+}
+
+/// The per-VM limits hold in the renderer even when the frontend lets everything through
+/// (a frontend bug, or a compromised one): contexts, SUBMIT_3D size and mappings, each
+/// ERR_OUT_OF_MEMORY beyond its limit, and room again once freed.
+#[test]
+fn the_renderer_enforces_the_limits_on_its_own() {
+    let limits = Limits {
+        max_contexts: 2,
+        max_submit_bytes: 4096,
+        max_mappings: 2,
+        ..policy::limits::DEFAULT
+    };
+    let mut fe = Frontend::start(DeviceConfig { limits, ..config() });
+    let (guest_a, _b) = fe.set_guest_memory();
+    fe.cross_domain_context();
+    let oom = |r: Result<ReplyBody, RenderError>| {
+        assert!(matches!(r, Err(RenderError::OutOfMemory(_))), "{r:?}")
+    };
+    let create = |ctx_id| RendererOp::CreateContext {
+        ctx_id,
+        context_init: cross_domain::CAPSET_CROSS_DOMAIN,
+        name: Vec::new(),
+    };
+
+    // Contexts: CTX and one more; a third is refused until one is destroyed.
+    fe.ok(create(2));
+    oom(fe.call(create(3)));
+    fe.ok(RendererOp::DestroyContext { ctx_id: 2 });
+    fe.ok(create(3));
+    oom(fe.call(create(4)));
+
+    // SUBMIT_3D: 256 POLLs are exactly 4 KiB, one more is refused before rutabaga sees it.
+    let polls = |n: usize| -> Vec<u8> { (0..n).flat_map(|_| cross_domain::poll()).collect() };
+    assert_eq!(fe.submit(polls(256)), Ok(ReplyBody::Done));
+    oom(fe.submit(polls(257)));
+
+    // Mappings: two exports at once; Finalize (not Unmap) gives the slot back.
+    let reqs = fe.image_requirements(&guest_a, 16, 16);
+    for id in [61, 62, 63] {
+        assert_eq!(
+            fe.host_blob(id, reqs.blob_id, reqs.size, MAPPABLE),
+            Ok(ReplyBody::Done)
+        );
+    }
+    let (_, _, fd61) = fe.map(61);
+    let (_, _, _fd62) = fe.map(62);
+    oom(fe.call(RendererOp::Map { resource_id: 63 }));
+    assert_eq!(
+        fe.call(RendererOp::Unmap { resource_id: 61 }),
+        Ok(ReplyBody::UnmapAck { resource_id: 61 })
+    );
+    oom(fe.call(RendererOp::Map { resource_id: 63 }));
+    assert_eq!(
+        fe.call(RendererOp::Finalize { resource_id: 61 }),
+        Ok(ReplyBody::FinalizeAck { resource_id: 61 })
+    );
+    drop(fd61);
+    let (size, _, fd63) = fe.map(63);
+    assert_eq!(size, reqs.size);
+    // The refused map put nothing on the lane: the one that followed got its own fd.
+    assert!(fstat(&fd63).unwrap().st_size as u64 >= size);
+    // Unref of an exported blob frees its slot as well.
+    fe.ok(RendererOp::Unref { resource_id: 62 });
+    let (_, _, _fd61) = fe.map(61);
+
+    // A reset forgets every context and export.
+    fe.ok(RendererOp::Reset);
+    let _guest = fe.set_guest_memory();
+    fe.ok(create(1));
+    fe.ok(create(2));
     fe.finish().unwrap();
 }

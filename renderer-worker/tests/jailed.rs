@@ -15,7 +15,6 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use protocol::config::DeviceConfig;
 use protocol::ipc::{BackingEntry, FenceInfo, GuestRegion, RenderError, RendererOp, ReplyBody};
 use protocol::virtio_gpu::Rect;
@@ -25,7 +24,10 @@ const TEST_NAME: &str = "run_serves_requests_under_seccomp";
 #[test]
 fn run_serves_requests_under_seccomp() {
     child_side();
-    let mut r = Jailed::start(TEST_NAME, DeviceConfig::default());
+    let mut r = Jailed::start(
+        TEST_NAME,
+        DeviceConfig::with_limits(policy::limits::DEFAULT),
+    );
     let guest = memfd(c"guest", 0x10000);
     let pattern: Vec<u8> = (0..0x10000u32).map(|i| (i % 249) as u8).collect();
     guest.write_all_at(&pattern, 0).unwrap();
@@ -76,30 +78,7 @@ fn run_serves_requests_under_seccomp() {
     );
     r.expect_fence(fence);
     let size = u64::from(w * h * 4);
-    let buffer = memfd(c"scanout", size);
-    fcntl(
-        &buffer,
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-    )
-    .unwrap();
-    let fds = r.lane.send(&[buffer.as_fd()]).unwrap();
-    let bind = RendererOp::SetScanoutBuffer {
-        scanout_id: 0,
-        resource_id: 1,
-        size,
-        stride: w * 4,
-        fds,
-    };
-    r.call(bind, None);
-    r.call(
-        RendererOp::FlushToScanout {
-            scanout_id: 0,
-            rect: full,
-        },
-        None,
-    );
-    let mut shown = vec![0; size as usize];
-    buffer.read_exact_at(&mut shown, 0).unwrap();
+    let shown = r.show_on_scanout(1, w, h);
     assert_eq!(shown, pattern[..size as usize]);
     match r.call(RendererOp::ReadCursor { resource_id: 1 }, None) {
         ReplyBody::CursorImage(image) => {

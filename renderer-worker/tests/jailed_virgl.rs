@@ -12,7 +12,6 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use common::{child_side, memfd, Jailed};
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use protocol::config::DeviceConfig;
 use protocol::ipc::{
     BackingEntry, Box3d, FenceInfo, GuestRegion, RenderError, RendererOp, ReplyBody, Resource3d,
@@ -49,7 +48,7 @@ fn virgl_serves_requests_under_seccomp() {
     let config = DeviceConfig {
         virgl: true,
         num_capsets: 2,
-        ..DeviceConfig::default()
+        ..DeviceConfig::with_limits(policy::limits::DEFAULT)
     };
     let mut r = Jailed::start(TEST_NAME, config);
     let size = u64::from(W * H * 4);
@@ -127,32 +126,7 @@ fn virgl_serves_requests_under_seccomp() {
         Some(fence),
     );
     r.expect_fence(fence);
-    let buffer = memfd(c"scanout", size);
-    fcntl(
-        &buffer,
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-    )
-    .unwrap();
-    let fds = r.lane.send(&[buffer.as_fd()]).unwrap();
-    r.call(
-        RendererOp::SetScanoutBuffer {
-            scanout_id: 0,
-            resource_id: 1,
-            size,
-            stride: W * 4,
-            fds,
-        },
-        None,
-    );
-    r.call(
-        RendererOp::FlushToScanout {
-            scanout_id: 0,
-            rect: full,
-        },
-        None,
-    );
-    let mut shown = vec![0; size as usize];
-    buffer.read_exact_at(&mut shown, 0).unwrap();
+    let shown = r.show_on_scanout(1, W, H);
     for (i, (got, want)) in shown.chunks(4).zip(pattern.chunks(4)).enumerate() {
         assert_eq!(&got[..3], &want[..3], "scanout pixel {i}");
     }

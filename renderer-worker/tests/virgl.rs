@@ -10,7 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use protocol::config::Limits;
 use protocol::ipc::{
     BackingEntry, Box3d, FenceInfo, GuestRegion, RenderError, Resource3d, Transfer3d,
 };
@@ -81,7 +80,7 @@ fn virgl_on_llvmpipe() {
     std::env::set_var("MESA_SHADER_CACHE_DISABLE", "true");
     let fences = Arc::new(Mutex::new(Vec::new()));
     let sink = fences.clone();
-    let mut r = VirglRenderer::new(Limits::default(), None, move |f| {
+    let mut r = VirglRenderer::new(policy::limits::DEFAULT, None, move |f| {
         sink.lock().unwrap().push(f)
     })
     .expect("virglrenderer on llvmpipe");

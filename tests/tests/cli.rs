@@ -585,3 +585,49 @@ fn check_host_reports_one_line_per_probe_and_exits_zero_here() {
     }
     assert_eq!(o.stdout.lines().count(), 14, "one line per probe: {d}");
 }
+
+// ---------------------------------------------------------------- per-VM limits
+
+#[test]
+fn limit_options_out_of_range_are_one_line() {
+    for (option, value) in [
+        ("--max-resources", "0"),
+        ("--max-resources", "1048577"),
+        ("--max-resource-memory", "65537"),
+        ("--max-contexts", "0"),
+        ("--max-contexts", "1025"),
+        ("--max-contexts", "many"),
+        ("--max-submit-size", "0"),
+        ("--max-submit-size", "1K"),
+        ("--max-submit-size", "65M"),
+        ("--max-submit-size", "99999999999999G"),
+        ("--max-mappings", "0"),
+        ("--max-mappings", "32769"),
+    ] {
+        refused(&[option, value], true, &[option, value]);
+    }
+}
+
+#[test]
+fn limit_options_in_range_are_served() {
+    let stack = Stack::start(&[
+        "--max-resources",
+        "2",
+        "--max-resource-memory",
+        "1",
+        "--max-contexts",
+        "1",
+        "--max-submit-size",
+        "4K",
+        "--max-mappings",
+        "1",
+        "--output",
+        "320x200",
+    ])
+    .unwrap_or_else(|e| panic!("starting with every limit option: {e}"));
+    let mut vmm = stack
+        .connect()
+        .unwrap_or_else(|e| panic!("{e}\n{}", stack.log_text()));
+    // 320x200 is 250 KiB, twice with its scanout buffer: within 1 MiB and 2 resources.
+    draw_one_frame(&mut vmm, 1, 4);
+}

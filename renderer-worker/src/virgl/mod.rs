@@ -18,9 +18,7 @@ use protocol::virtio_gpu::{
 };
 use virglrenderer_sys as sys;
 
-use crate::backend::{
-    BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL, VIRTIO_GPU_FORMATS,
-};
+use crate::backend::{BlobCreate, CapsetInfo, ExportedBlob, Renderer, BYTES_PER_PIXEL};
 use crate::geometry::check_rect_inside;
 use crate::guest_memory::Backing;
 
@@ -198,7 +196,7 @@ impl VirglRenderer {
             return Err(RenderError::InvalidParameter(format!(
                 "mip level {} of a resource with {} levels",
                 t.level,
-                s.last_level + 1
+                u64::from(s.last_level) + 1
             )));
         }
         let at_level = |extent: u32| (extent >> t.level).max(1);
@@ -304,15 +302,7 @@ impl Renderer for VirglRenderer {
         height: u32,
     ) -> Result<(), RenderError> {
         self.new_id(resource_id)?;
-        if !VIRTIO_GPU_FORMATS.contains(&format) {
-            return Err(RenderError::InvalidParameter(format!("format {format}")));
-        }
-        let max = self.limits.max_dimension;
-        if width == 0 || height == 0 || width > max || height > max {
-            return Err(RenderError::InvalidParameter(format!(
-                "size {width}x{height} (at most {max} per side)"
-            )));
-        }
+        crate::geometry::check_new_2d(format, width, height, self.limits.max_dimension)?;
         // virtio-gpu's 2D formats are numbered as virgl's own.
         let mut args = sys::virgl_renderer_resource_create_args {
             handle: resource_id,
@@ -477,12 +467,13 @@ impl Renderer for VirglRenderer {
         if rect.width == 0 || rect.height == 0 {
             return Ok(());
         }
-        // The last byte written is that of the rect's bottom-right pixel.
-        let end = u64::from(rect.y + rect.height - 1) * u64::from(stride)
-            + u64::from(rect.x + rect.width) * u64::from(BYTES_PER_PIXEL);
-        if u64::from(rect.x + rect.width) * u64::from(BYTES_PER_PIXEL) > u64::from(stride)
-            || end > dst.len() as u64
-        {
+        // The last byte written is that of the rect's bottom-right pixel (the rect is
+        // inside the resource, so neither edge overflows; the products are checked).
+        let row_end = u64::from(rect.x + rect.width) * u64::from(BYTES_PER_PIXEL);
+        let end = u64::from(rect.y + rect.height - 1)
+            .checked_mul(u64::from(stride))
+            .and_then(|last_row| last_row.checked_add(row_end));
+        if row_end > u64::from(stride) || end.is_none_or(|end| end > dst.len() as u64) {
             return Err(RenderError::InvalidParameter(format!(
                 "rect does not fit a {}-byte buffer of stride {stride}",
                 dst.len()

@@ -163,6 +163,50 @@ impl Jailed {
         }
     }
 
+    /// Shows resource `resource_id` (`width` x `height`) on scanout 0 through a sealed
+    /// memfd, as the frontend does, flushes it whole and returns what the buffer holds.
+    pub fn show_on_scanout(&mut self, resource_id: u32, width: u32, height: u32) -> Vec<u8> {
+        use nix::fcntl::SealFlag;
+        use protocol::virtio_gpu::Rect;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+
+        let size = u64::from(width * height * 4);
+        let buffer = memfd(c"scanout", size);
+        fcntl(
+            &buffer,
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        let fds = self.lane.send(&[buffer.as_fd()]).unwrap();
+        self.call(
+            RendererOp::SetScanoutBuffer {
+                scanout_id: 0,
+                resource_id,
+                size,
+                stride: width * 4,
+                fds,
+            },
+            None,
+        );
+        let rect = Rect {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        };
+        self.call(
+            RendererOp::FlushToScanout {
+                scanout_id: 0,
+                rect,
+            },
+            None,
+        );
+        let mut shown = vec![0; size as usize];
+        buffer.read_exact_at(&mut shown, 0).unwrap();
+        shown
+    }
+
     /// Closes the request channel and checks the renderer exits 0 (no violation).
     pub fn finish(self) {
         drop(self.req_tx);
