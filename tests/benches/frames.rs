@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use vgpu_tests::bench::{fmt, our_binary, percentile, reference_binary};
 use vgpu_tests::display::DisplayConfig;
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::scenario::pattern;
@@ -135,24 +136,8 @@ fn parse_args() -> BenchResult<Options> {
     Ok(o)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 fn our_backend() -> BenchResult<Backend> {
-    let bin = match std::env::var_os("VGPU_SANDBOX_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => workspace_root().join("target/release/vgpu-sandbox"),
-    };
-    if !bin.is_file() {
-        return Err(format!(
-            "{} not found: run `cargo build --release -p vgpu-sandbox` (or set VGPU_SANDBOX_BIN)",
-            bin.display()
-        ));
-    }
+    let bin = our_binary(None)?;
     let out = Process::new(&bin)
         .arg("--version")
         .output()
@@ -173,22 +158,7 @@ fn our_backend() -> BenchResult<Backend> {
 /// `VGPU_REFERENCE_BACKEND`, else a copy cached by scripts/fetch-reference-backend.sh,
 /// else the system's /usr/lib/qemu/vhost-user-gpu. None if there is none.
 fn reference_backend() -> Option<Backend> {
-    let cache = workspace_root().join("target/reference-backend");
-    let bin = match std::env::var_os("VGPU_REFERENCE_BACKEND") {
-        Some(p) => PathBuf::from(p),
-        None => ["bookworm-backports", "bookworm"]
-            .iter()
-            .map(|s| cache.join(s).join("root/usr/lib/qemu/vhost-user-gpu"))
-            .chain([PathBuf::from("/usr/lib/qemu/vhost-user-gpu")])
-            .find(|p| p.is_file())?,
-    };
-    if !bin.is_file() {
-        eprintln!(
-            "VGPU_REFERENCE_BACKEND={} is not a file; running without the baseline",
-            bin.display()
-        );
-        return None;
-    }
+    let bin = reference_binary()?;
     // The fetch script writes VERSION four levels above the binary
     // (<suite>/root/usr/lib/qemu/vhost-user-gpu); a system copy has dpkg's record.
     let version = bin
@@ -370,14 +340,6 @@ struct Sample {
     serial_per_s: f64,
     pipelined_per_s: f64,
     serial_cpu_us: Vec<(String, f64)>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchResult<Sample> {
@@ -656,18 +618,6 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     };
     (med, s[0], s[n - 1])
-}
-
-fn fmt(x: f64) -> String {
-    if !x.is_finite() {
-        "-".into()
-    } else if x >= 1000.0 {
-        format!("{x:.0}")
-    } else if x >= 100.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.2}")
-    }
 }
 
 struct Metric {

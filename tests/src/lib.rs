@@ -14,6 +14,7 @@
 //! - [`virgl`]: a builder of virgl command streams (SUBMIT_3D to a VIRGL context).
 
 pub mod backend_req;
+pub mod bench;
 pub mod cross_domain;
 pub mod display;
 pub mod edid;
