@@ -20,6 +20,8 @@
 //! renderer and the VMM, answers to the guest), which keeps the machine testable against
 //! a reference model with arbitrary interleavings of late, duplicated and missing acks.
 
+pub mod model;
+
 /// Where a blob is in the host-visible window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapState {
@@ -667,27 +669,10 @@ mod tests {
         assert_eq!(a.last(), Some(&Action::AnswerMap(Err(MapError::Busy))));
     }
 
-    /// A reference model of the obligations the machine creates: what it asked of whom,
-    /// and what is still owed. Random interleavings of requests and acks (on time, late,
-    /// duplicated, or withheld until the end) must keep these rules:
-    /// - the VMM is asked to unmap only what it acknowledged mapping, once;
-    /// - the renderer is told `Finalize` only after both unmap acknowledgments;
-    /// - every suspended command is released exactly by one completion, and once every
-    ///   withheld acknowledgment is delivered, nothing stays suspended.
+    /// Random interleavings through the reference model in [`super::model`].
     mod model {
-        use super::super::*;
+        use super::super::model::{check, Input};
         use proptest::prelude::*;
-
-        #[derive(Clone, Copy, Debug)]
-        enum Input {
-            Map,
-            Unmap,
-            /// Deliver the oldest owed acknowledgment, if any.
-            Deliver,
-            /// Deliver a random ack whether owed or not (late, duplicate, unknown).
-            Stray(u8),
-            RendererGone,
-        }
 
         fn input() -> impl Strategy<Value = Input> {
             prop_oneof![
@@ -699,149 +684,11 @@ mod tests {
             ]
         }
 
-        fn stray(n: u8) -> Event {
-            match n {
-                0 => Event::RendererMapReady(Export {
-                    len: 4096,
-                    map_info: 1,
-                }),
-                1 => Event::RendererMapFailed,
-                2 => Event::VmmMapAck,
-                3 => Event::VmmMapFailed,
-                4 => Event::VmmUnmapAck,
-                5 => Event::RendererUnmapAck,
-                _ => Event::FinalizeAck,
-            }
-        }
-
-        #[derive(Default)]
-        struct Model {
-            /// Acknowledgments owed, oldest first.
-            owed: std::collections::VecDeque<Event>,
-            vmm_mapped: bool,
-            vmm_unmap_sent: bool,
-            renderer_unmap_acked: bool,
-            vmm_unmap_acked: bool,
-            suspended: u32,
-            renderer_dead: bool,
-        }
-
-        impl Model {
-            /// Applies the machine's actions to the model, checking the rules.
-            fn apply(&mut self, actions: &[Action], delivered: Option<Event>) {
-                match delivered {
-                    Some(Event::VmmMapAck) => self.vmm_mapped = true,
-                    Some(Event::VmmUnmapAck) => self.vmm_unmap_acked = true,
-                    Some(Event::RendererUnmapAck) => self.renderer_unmap_acked = true,
-                    _ => {}
-                }
-                for a in actions {
-                    match *a {
-                        Action::RendererMap => {
-                            self.owed.push_back(Event::RendererMapReady(Export {
-                                len: 4096,
-                                map_info: 1,
-                            }))
-                        }
-                        Action::VmmMap { .. } => self.owed.push_back(Event::VmmMapAck),
-                        Action::VmmUnmap { .. } => {
-                            assert!(self.vmm_mapped, "VMM asked to unmap what it never mapped");
-                            assert!(!self.vmm_unmap_sent, "VMM asked to unmap twice");
-                            self.vmm_unmap_sent = true;
-                            self.vmm_unmap_acked = false;
-                            self.owed.push_back(Event::VmmUnmapAck);
-                        }
-                        Action::RendererUnmap => {
-                            self.renderer_unmap_acked = false;
-                            self.owed.push_back(Event::RendererUnmapAck);
-                        }
-                        Action::RendererFinalize => {
-                            assert!(
-                                self.renderer_unmap_acked || self.renderer_dead,
-                                "Finalize before the renderer's UnmapAck"
-                            );
-                            assert!(
-                                !self.vmm_unmap_sent || self.vmm_unmap_acked,
-                                "Finalize before the VMM's unmap ack"
-                            );
-                            self.owed.push_back(Event::FinalizeAck);
-                        }
-                        Action::Suspend => self.suspended += 1,
-                        Action::UnmapDone => {
-                            self.suspended = 0;
-                            self.vmm_mapped = false;
-                            self.vmm_unmap_sent = false;
-                        }
-                        Action::AnswerMap(Err(_)) => {}
-                        Action::AnswerMap(Ok(_)) | Action::NothingToUnmap | Action::Ignored(_) => {}
-                    }
-                }
-            }
-        }
-
         proptest! {
             #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
             #[test]
             fn random_interleavings_keep_the_rules(inputs in proptest::collection::vec(input(), 0..60)) {
-                let mut state = MapState::Unmapped;
-                let mut m = Model::default();
-                for i in inputs {
-                    let event = match i {
-                        Input::Map => Event::MapRequested { offset: 0 },
-                        Input::Unmap => Event::UnmapRequested,
-                        Input::Deliver => match m.owed.pop_front() {
-                            Some(e) => e,
-                            None => continue,
-                        },
-                        Input::Stray(n) => stray(n),
-                        Input::RendererGone => {
-                            if m.renderer_dead { continue; }
-                            m.renderer_dead = true;
-                            // Whatever the dead renderer owed will never come.
-                            m.owed.retain(|e| matches!(e, Event::VmmMapAck | Event::VmmUnmapAck));
-                            Event::RendererGone
-                        }
-                    };
-                    if m.renderer_dead && matches!(event, Event::MapRequested { .. }) {
-                        // A new map needs a renderer; the frontend would not send one.
-                        continue;
-                    }
-                    let (s, actions) = step(state, event);
-                    // An ack the machine accepted counts as delivered, stray or not: a
-                    // duplicate arriving while the real one is owed is indistinguishable
-                    // from it, and the real one then arrives as the duplicate.
-                    let accepted = !actions.iter().any(|a| matches!(a, Action::Ignored(_)));
-                    let is_ack = !matches!(event, Event::MapRequested { .. } | Event::UnmapRequested | Event::RendererGone);
-                    let delivered = (accepted && is_ack).then_some(event);
-                    if delivered.is_some() && matches!(i, Input::Stray(_)) {
-                        let same = |e: &Event| std::mem::discriminant(e) == std::mem::discriminant(&event);
-                        if let Some(pos) = m.owed.iter().position(same) {
-                            m.owed.remove(pos);
-                        }
-                    }
-                    m.apply(&actions, delivered);
-                    if m.renderer_dead {
-                        m.owed.retain(|e| matches!(e, Event::VmmMapAck | Event::VmmUnmapAck));
-                    }
-                    state = s;
-                }
-                // Deliver everything still owed: the machine must come to rest.
-                let mut guard = 0;
-                while let Some(e) = m.owed.pop_front() {
-                    let (s, actions) = step(state, e);
-                    m.apply(&actions, Some(e));
-                    if m.renderer_dead {
-                        m.owed.retain(|e| matches!(e, Event::VmmMapAck | Event::VmmUnmapAck));
-                    }
-                    state = s;
-                    guard += 1;
-                    prop_assert!(guard < 100, "acknowledgments never settle");
-                }
-                prop_assert!(
-                    matches!(state, MapState::Unmapped | MapState::Mapped { .. }),
-                    "not at rest after every ack: {state:?}"
-                );
-                prop_assert_eq!(m.suspended, 0, "a suspended command was never released");
+                check(&inputs);
             }
         }
     }
