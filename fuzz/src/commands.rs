@@ -423,6 +423,24 @@ pub struct Setup {
     pub outputs: u8,
     /// Connect the VMM's backend request channel (blobs can be mapped).
     pub vmm: bool,
+    /// How that VMM acks, all run long.
+    pub vmm_acks: VmmAcks,
+}
+
+/// A VMM's standing habit with SHMEM_MAP/UNMAP acks.
+#[derive(Arbitrary, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VmmAcks {
+    /// One ack per request.
+    #[default]
+    Normal,
+    /// Every SHMEM_MAP acked twice.
+    DuplicateMaps,
+    /// Every SHMEM_UNMAP acked twice.
+    DuplicateUnmaps,
+    /// Every request acked twice.
+    DuplicateAll,
+    /// Every SHMEM_MAP refused.
+    RefuseMaps,
 }
 
 /// One input of the target.
@@ -608,6 +626,19 @@ impl Harness {
             control
                 .handle(Input::VmmChannel(requests))
                 .expect("backend request channel");
+            let twice = AckAction::Duplicate;
+            match setup.vmm_acks {
+                VmmAcks::Normal => {}
+                VmmAcks::DuplicateMaps => server.set_standing(RequestKind::Map, twice),
+                VmmAcks::DuplicateUnmaps => server.set_standing(RequestKind::Unmap, twice),
+                VmmAcks::DuplicateAll => {
+                    server.set_standing(RequestKind::Map, twice.clone());
+                    server.set_standing(RequestKind::Unmap, twice);
+                }
+                VmmAcks::RefuseMaps => {
+                    server.set_standing(RequestKind::Map, AckAction::Fail(ACK_EINVAL))
+                }
+            }
             Vmm {
                 server,
                 inbox,
