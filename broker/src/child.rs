@@ -18,6 +18,9 @@ pub fn main() -> ExitCode {
         (Some(f1), Some(role), Some(f2), Some(server))
             if f1 == ROLE_FLAG && f2 == BOOTSTRAP_FLAG =>
         {
+            if role == crate::spawner::SPAWNER_ROLE {
+                return crate::spawner::main(server.clone());
+            }
             match Role::from_name(role) {
                 Some(r) => (r, server.clone()),
                 None => {

@@ -81,6 +81,11 @@ pub struct ServeArgs {
     /// is allowed and the kernel logs it: development only, to derive an allowlist).
     #[arg(long, value_name = "MODE", value_parser = ["kill", "trap", "log"])]
     pub seccomp: Option<String>,
+    /// How many times within any 60 seconds a renderer-worker that died is replaced by a
+    /// fresh one (the guest's 2D state is rebuilt, its 3D contexts are lost); one more
+    /// death stops the device. 0: a renderer death stops the device.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_renderer_restarts: u32,
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = crate::logger::parse_level)]
     pub log_level: LevelFilter,

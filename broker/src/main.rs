@@ -7,8 +7,10 @@ mod check_host;
 mod child;
 mod cli;
 mod logger;
+mod restart;
 mod serve;
 mod spawn;
+mod spawner;
 mod supervise;
 mod virgl_probe;
 

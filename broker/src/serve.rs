@@ -5,22 +5,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use ipc_channel::ipc::{self, IpcReceiver};
+use ipc_channel::ipc;
 use nix::sys::socket::{getsockopt, sockopt};
 use protocol::bootstrap::{
-    ChildBootstrap, ChildStatus, FrontendBootstrap, RendererBootstrap, Role, DOORBELL_FD, LANE_FD,
-    LISTENER_FD,
+    ChildBootstrap, ChildHello, FrontendBootstrap, RendererLinkRenewal, Role, BROKER_LANE_FD,
+    DOORBELL_FD, LANE_FD, LISTENER_FD,
 };
 use protocol::lane::Lane;
 
 use crate::cli::ServeArgs;
-use crate::spawn::{self, kill_and_reap};
+use crate::restart::{self, Restarter, StatusRx};
+use crate::spawn::{self, Launch};
+use crate::spawner::Spawner;
 use crate::supervise::{self, Managed};
-
-/// How long both children may take from bootstrap to ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Removes the socket file we created when the broker ends.
 struct SocketFile(Option<PathBuf>);
@@ -76,42 +74,56 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     };
     let listener = spawn::lift_fd(listener).map_err(|e| format!("preparing the listener: {e}"))?;
 
-    let (lane_fe, lane_re) =
-        Lane::pair().map_err(|e| format!("creating the descriptor lane: {e}"))?;
-    let lane_fe = spawn::lift_fd(lane_fe).map_err(|e| e.to_string())?;
-    let lane_re = spawn::lift_fd(lane_re).map_err(|e| e.to_string())?;
+    // Started first, while the broker may still create processes: it starts every
+    // renderer-worker, the first one included (see spawner.rs).
+    let (spawner, spawner_child) = Spawner::start(args.log_level, args.seccomp.as_deref())?;
+    let mut spawner_m = Managed::new(crate::spawner::SPAWNER_ROLE, spawner_child);
 
-    let doorbell = spawn::lift_fd(doorbell().map_err(|e| format!("creating the doorbell: {e}"))?)
-        .map_err(|e| e.to_string())?;
-
-    let renderer = spawn::spawn(
-        Role::Renderer,
-        &[(&lane_re, LANE_FD), (&doorbell, DOORBELL_FD)],
-        args.log_level,
-        args.seccomp.as_deref(),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut renderer_child = renderer.child;
-    let frontend = match spawn::spawn(
-        Role::Frontend,
-        &[
-            (&lane_fe, LANE_FD),
-            (&listener, LISTENER_FD),
-            (&doorbell, DOORBELL_FD),
-        ],
-        args.log_level,
-        args.seccomp.as_deref(),
-    ) {
-        Ok(f) => f,
+    let doorbell = match doorbell() {
+        Ok(fd) => fd,
         Err(e) => {
-            kill_and_reap(&mut renderer_child);
-            return Err(e.to_string());
+            supervise::stop_all(&sfd, &mut [&mut spawner_m]);
+            return Err(format!("creating the doorbell: {e}"));
         }
     };
-    // The children hold their own copies now.
-    drop((lane_fe, lane_re, listener, doorbell));
+    let (renderer, lane_fe) = match restart::start_renderer(&spawner, &doorbell) {
+        Ok(started) => started,
+        Err(e) => {
+            supervise::stop_all(&sfd, &mut [&mut spawner_m]);
+            return Err(format!("starting the renderer-worker: {e}"));
+        }
+    };
+    let mut renderer_m = Managed::new(Role::Renderer.name(), renderer.child);
+    let frontend = (|| {
+        let lift = |fd| spawn::lift_fd(fd).map_err(|e| e.to_string());
+        let (broker_lane, fe_broker_lane) =
+            Lane::pair().map_err(|e| format!("creating the broker's lane: {e}"))?;
+        let (lane_fe, fe_broker_lane) = (lift(lane_fe)?, lift(fe_broker_lane)?);
+        let doorbell_fe = lift(doorbell.try_clone().map_err(|e| e.to_string())?)?;
+        let spawned = spawn::spawn::<ChildHello>(&Launch::role(
+            Role::Frontend,
+            &[
+                (&lane_fe, LANE_FD),
+                (&listener, LISTENER_FD),
+                (&doorbell_fe, DOORBELL_FD),
+                (&fe_broker_lane, BROKER_LANE_FD),
+            ],
+            args.log_level,
+            args.seccomp.as_deref(),
+        ))
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>((spawned, Lane::new(broker_lane)))
+    })();
+    let (frontend, broker_lane) = match frontend {
+        Ok(f) => f,
+        Err(e) => {
+            supervise::stop_all(&sfd, &mut [&mut renderer_m, &mut spawner_m]);
+            return Err(e);
+        }
+    };
+    // The frontend holds its own copy of the listener now.
+    drop(listener);
     let mut frontend_m = Managed::new(Role::Frontend.name(), frontend.child);
-    let mut renderer_m = Managed::new(Role::Renderer.name(), renderer_child);
     // One line per child: which protections it has, and which the host refused.
     for (m, namespaces) in [
         (&renderer_m, &renderer.namespaces),
@@ -120,34 +132,57 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         log::info!("started {} (pid {}): {namespaces}", m.role, m.child.id());
     }
 
-    let wired = wire(config, frontend.hello.bootstrap, renderer.hello.bootstrap);
-    let (fe_status, re_status) = match wired {
+    let wired = wire(
+        config.clone(),
+        frontend.hello.bootstrap,
+        &renderer.hello.bootstrap,
+    );
+    let (fe_status, re_status, renewals) = match wired {
         Ok(s) => s,
         Err(e) => {
-            supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
+            supervise::stop_all(
+                &sfd,
+                &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
+            );
             return Err(e);
         }
     };
     for (status, role) in [(&fe_status, Role::Frontend), (&re_status, Role::Renderer)] {
-        if let Err(e) = wait_ready(status, role) {
-            supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
+        if let Err(e) = restart::wait_ready(status, role) {
+            supervise::stop_all(
+                &sfd,
+                &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
+            );
             return Err(e);
         }
     }
     log::info!("ready: serving on {where_}");
-    spawn_status_logger(fe_status, Role::Frontend);
-    spawn_status_logger(re_status, Role::Renderer);
+    restart::spawn_status_logger(fe_status, Role::Frontend);
+    restart::spawn_status_logger(re_status, Role::Renderer);
     // Set-up is over (children started and wired, every thread running): from here the
     // broker only supervises, and its own filter says so.
     if let Err(e) = jail_broker(args.seccomp.as_deref()) {
-        supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
+        supervise::stop_all(
+            &sfd,
+            &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
+        );
         return Err(e);
     }
-
-    Ok(supervise::supervise(&sfd, &mut frontend_m, &mut renderer_m))
+    let mut restarter = Restarter::new(
+        spawner,
+        doorbell,
+        broker_lane,
+        renewals,
+        config,
+        args.max_renderer_restarts,
+    );
+    let mut children = supervise::Children {
+        frontend: frontend_m,
+        renderer: renderer_m,
+        spawner: spawner_m,
+    };
+    Ok(supervise::supervise(&sfd, &mut children, &mut restarter))
 }
-
-type StatusRx = IpcReceiver<ChildStatus>;
 
 /// The broker's own seccomp filter (role "broker"), with the children's violation action.
 fn jail_broker(mode: Option<&str>) -> Result<(), String> {
@@ -162,66 +197,31 @@ fn jail_broker(mode: Option<&str>) -> Result<(), String> {
     policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())
 }
 
+/// Sends the renderer and the frontend their bootstraps; returns their status receivers
+/// and the sender of the frontend's link renewals.
 fn wire(
     config: protocol::config::DeviceConfig,
     to_frontend: ipc::IpcSender<ChildBootstrap>,
-    to_renderer: ipc::IpcSender<ChildBootstrap>,
-) -> Result<(StatusRx, StatusRx), String> {
+    to_renderer: &ipc::IpcSender<ChildBootstrap>,
+) -> Result<(StatusRx, StatusRx, ipc::IpcSender<RendererLinkRenewal>), String> {
     let e = |e: std::io::Error| format!("creating channels: {e}");
-    let (req_tx, req_rx) = ipc::channel().map_err(e)?;
-    let (ev_tx, ev_rx) = ipc::channel().map_err(e)?;
+    let renderer = restart::wire_renderer(config.clone(), to_renderer)?;
     let (fe_status_tx, fe_status_rx) = ipc::channel().map_err(e)?;
-    let (re_status_tx, re_status_rx) = ipc::channel().map_err(e)?;
-    to_renderer
-        .send(ChildBootstrap::Renderer(RendererBootstrap {
-            config: config.clone(),
-            requests: req_rx,
-            events: ev_tx,
-            to_broker: re_status_tx,
-            lane_fd: LANE_FD,
-            doorbell_fd: DOORBELL_FD,
-        }))
-        .map_err(|e| format!("sending the renderer-worker its bootstrap: {e}"))?;
+    let (renewals_tx, renewals_rx) = ipc::channel().map_err(e)?;
     to_frontend
         .send(ChildBootstrap::Frontend(FrontendBootstrap {
             config,
-            to_renderer: req_tx,
-            from_renderer: ev_rx,
+            to_renderer: renderer.to_renderer,
+            from_renderer: renderer.from_renderer,
             to_broker: fe_status_tx,
             lane_fd: LANE_FD,
             listener_fd: LISTENER_FD,
             doorbell_fd: DOORBELL_FD,
+            renewals: renewals_rx,
+            broker_lane_fd: BROKER_LANE_FD,
         }))
         .map_err(|e| format!("sending the device-frontend its bootstrap: {e}"))?;
-    Ok((fe_status_rx, re_status_rx))
-}
-
-fn wait_ready(status: &StatusRx, role: Role) -> Result<(), String> {
-    match status.try_recv_timeout(READY_TIMEOUT) {
-        Ok(ChildStatus::Ready) => Ok(()),
-        Ok(other) => Err(format!(
-            "the {} reported {other:?} before being ready",
-            role.name()
-        )),
-        Err(ipc_channel::TryRecvError::Empty) => Err(format!(
-            "the {} was not ready within {READY_TIMEOUT:?}",
-            role.name()
-        )),
-        Err(ipc_channel::TryRecvError::IpcError(e)) => Err(format!(
-            "the {} failed during start-up ({e:?}); see its log above",
-            role.name()
-        )),
-    }
-}
-
-fn spawn_status_logger(rx: StatusRx, role: Role) {
-    let _ = std::thread::Builder::new()
-        .name(format!("status-{}", role.name()))
-        .spawn(move || {
-            while let Ok(s) = rx.recv() {
-                log::debug!("{} reports {s:?}", role.name());
-            }
-        });
+    Ok((fe_status_rx, renderer.status, renewals_tx))
 }
 
 /// The renderer's doorbell: a non-blocking eventfd (see `protocol::bootstrap::DOORBELL_FD`).

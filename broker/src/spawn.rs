@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -17,6 +17,8 @@ use ipc_channel::ipc::IpcOneShotServer;
 use nix::errno::Errno;
 use policy::namespaces::{self, ExecPlan, NamespaceSet, FIXED_FD_LIMIT};
 use protocol::bootstrap::{ChildHello, Role, BOOTSTRAP_FLAG, ROLE_FLAG};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::logger::LOG_ENV;
 
@@ -32,9 +34,22 @@ pub const WANTED_NAMESPACES: NamespaceSet = NamespaceSet::ALL;
 pub struct ChildProcess {
     pid: libc::pid_t,
     status: Option<ExitStatus>,
+    /// For a sibling (started by the spawner, reaped by the broker): a pidfd, the only
+    /// race-free way for a process that is not the parent to see it exit and signal it.
+    pidfd: Option<OwnedFd>,
 }
 
 impl ChildProcess {
+    /// A child the spawner started as the broker's (see [`Launch::sibling`]): the broker
+    /// is its parent and reaps it.
+    pub fn adopt(pid: u32) -> Self {
+        ChildProcess {
+            pid: pid as libc::pid_t,
+            status: None,
+            pidfd: None,
+        }
+    }
+
     /// The pid, as the broker (and the host) sees it.
     pub fn id(&self) -> u32 {
         self.pid as u32
@@ -54,11 +69,48 @@ impl ChildProcess {
         }
     }
 
+    /// Records a status that a wait for any child returned for this one.
+    pub fn set_status(&mut self, status: ExitStatus) {
+        self.status.get_or_insert(status);
+    }
+
+    /// Whether it has exited (for a sibling, which this process cannot reap: whether its
+    /// pidfd says so).
+    fn has_exited(&mut self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                let mut fds = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
+            }
+            None => matches!(self.try_wait(), Ok(Some(_))),
+        }
+    }
+
     /// SIGKILL, unless already reaped. Forced even on init of a pid namespace, since the
     /// broker is outside it.
     pub fn kill(&mut self) -> io::Result<()> {
         if self.status.is_some() {
             return Ok(());
+        }
+        if let Some(fd) = &self.pidfd {
+            // SAFETY: FFI; `fd` is a live pidfd; no pointer arguments (siginfo NULL).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            return if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            };
         }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
@@ -87,12 +139,65 @@ impl ChildProcess {
     }
 }
 
+/// What a child says first over its bootstrap server.
+pub trait Hello: Serialize + DeserializeOwned + Send + 'static {
+    /// The pid it claims, as the broker sees it.
+    fn pid(&self) -> u32;
+    /// Whether it claims to be the role named `name`.
+    fn is(&self, name: &str) -> bool;
+}
+
+impl Hello for ChildHello {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn is(&self, name: &str) -> bool {
+        self.role.name() == name
+    }
+}
+
+/// How to start a child.
+pub struct Launch<'a> {
+    /// Its role name (command line and messages).
+    pub name: &'static str,
+    /// Each `(fd, number)` to hand it at that fixed number (every source fd must already
+    /// be above the fixed numbers: see [`lift_fd`]).
+    pub fds: &'a [(&'a OwnedFd, RawFd)],
+    /// Its log level.
+    pub log_level: log::LevelFilter,
+    /// `--seccomp` mode for its filter, if not the default.
+    pub seccomp: Option<&'a str>,
+    /// The namespaces to ask for (it gets what the host allows of them).
+    pub namespaces: NamespaceSet,
+    /// Start it as this process's sibling (the spawner starting a renderer for the broker).
+    pub sibling: bool,
+}
+
+impl<'a> Launch<'a> {
+    /// A child role in [`WANTED_NAMESPACES`], this process's own child.
+    pub fn role(
+        role: Role,
+        fds: &'a [(&'a OwnedFd, RawFd)],
+        log_level: log::LevelFilter,
+        seccomp: Option<&'a str>,
+    ) -> Self {
+        Launch {
+            name: role.name(),
+            fds,
+            log_level,
+            seccomp,
+            namespaces: WANTED_NAMESPACES,
+            sibling: false,
+        }
+    }
+}
+
 /// A started child and its bootstrap hello.
-pub struct Spawned {
+pub struct Spawned<H = ChildHello> {
     /// The process.
     pub child: ChildProcess,
     /// What it said first.
-    pub hello: ChildHello,
+    pub hello: H,
     /// Which namespaces it has of its own and which it shares, for the log.
     pub namespaces: String,
 }
@@ -121,8 +226,8 @@ pub enum SpawnError {
     DiedEarly {
         /// Which role.
         role: &'static str,
-        /// Its exit status.
-        status: ExitStatus,
+        /// Its exit status, as far as this process can know it.
+        status: String,
     },
     /// The child did not connect in time.
     #[error("the {role} did not connect to the broker within {timeout:?}")]
@@ -155,28 +260,21 @@ pub fn lift_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     )
 }
 
-/// Spawns `role` in [`WANTED_NAMESPACES`] (or what the host allows of them), handing it
-/// each `(fd, number)` of `fds` at that fixed number (every source fd must already be
-/// above the fixed numbers: see [`lift_fd`]), and waits (bounded) for its hello.
+/// Starts the child `launch` describes and waits (bounded) for its hello.
 ///
 /// Call it from the thread that lives as long as the broker: the child's parent-death
 /// signal is tied to it.
-pub fn spawn(
-    role: Role,
-    fds: &[(&OwnedFd, RawFd)],
-    log_level: log::LevelFilter,
-    seccomp: Option<&str>,
-) -> Result<Spawned, SpawnError> {
-    let name = role.name();
+pub fn spawn<H: Hello>(launch: &Launch<'_>) -> Result<Spawned<H>, SpawnError> {
+    let name = launch.name;
     let io_err = |err| SpawnError::Io { role: name, err };
-    let (server, server_name) = IpcOneShotServer::<ChildHello>::new().map_err(io_err)?;
+    let (server, server_name) = IpcOneShotServer::<H>::new().map_err(io_err)?;
     let dev_null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
         .map_err(io_err)?;
     let dev_null = lift_fd(dev_null.into()).map_err(io_err)?;
-    let mut inherited: Vec<_> = fds.iter().map(|(fd, n)| (fd.as_fd(), *n)).collect();
+    let mut inherited: Vec<_> = launch.fds.iter().map(|(fd, n)| (fd.as_fd(), *n)).collect();
     // stdin and stdout are /dev/null; stderr (the log) is the broker's.
     inherited.extend([(dev_null.as_fd(), 0), (dev_null.as_fd(), 1)]);
 
@@ -201,27 +299,36 @@ pub fn spawn(
         entry.push(value);
         env.push(cstring(entry.into_vec())?);
     }
-    env.push(cstring(format!("{LOG_ENV}={log_level}").into_bytes())?);
-    if let Some(mode) = seccomp {
+    env.push(cstring(
+        format!("{LOG_ENV}={}", launch.log_level).into_bytes(),
+    )?);
+    if let Some(mode) = launch.seccomp {
         env.push(cstring(
             format!("{}={mode}", policy::SECCOMP_ENV).into_bytes(),
         )?);
     }
 
     let started = namespaces::spawn(
-        WANTED_NAMESPACES,
+        launch.namespaces,
         &ExecPlan {
             program: c"/proc/self/exe",
             args: &args,
             env: &env,
             fds: &inherited,
+            sibling: launch.sibling,
         },
     )
     .map_err(|source| SpawnError::Namespaces { role: name, source })?;
     drop(dev_null);
+    let pidfd = if launch.sibling {
+        Some(pidfd_open(started.pid).map_err(io_err)?)
+    } else {
+        None
+    };
     let mut child = ChildProcess {
         pid: started.pid,
         status: None,
+        pidfd,
     };
     log::debug!(
         "started {name} as pid {} in {} namespace(s)",
@@ -251,7 +358,12 @@ pub fn spawn(
                 });
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(status)) = child.try_wait() {
+                if child.has_exited() {
+                    let status = match child.try_wait() {
+                        Ok(Some(status)) => crate::supervise::describe(status),
+                        // A sibling: the broker reaps it and logs how it ended.
+                        _ => "it ended".into(),
+                    };
                     return Err(SpawnError::DiedEarly { role: name, status });
                 }
                 if Instant::now() >= deadline {
@@ -271,14 +383,13 @@ pub fn spawn(
             }
         }
     };
-    if hello.role != role || hello.pid != child.id() {
+    if !hello.is(name) || hello.pid() != child.id() {
         kill_and_reap(&mut child);
         return Err(SpawnError::BadHello {
             role: name,
             why: format!(
-                "claims to be {:?} pid {}, started as pid {}",
-                hello.role,
-                hello.pid,
+                "claims to be another role or pid {}, started as pid {}",
+                hello.pid(),
                 child.id()
             ),
         });
@@ -286,7 +397,7 @@ pub fn spawn(
     // Read from /proc rather than taken from the clone flags: what the child really has.
     let namespaces = namespaces::describe(
         namespaces::own_namespaces_of(child.id()),
-        WANTED_NAMESPACES,
+        launch.namespaces,
         &started.refused,
     );
     Ok(Spawned {
@@ -296,8 +407,22 @@ pub fn spawn(
     })
 }
 
-/// SIGKILL and wait; used on start-up failures where nothing is worth waiting for.
+/// SIGKILL and wait; used on start-up failures where nothing is worth waiting for. (A
+/// sibling is only killed: the broker reaps it.)
 pub fn kill_and_reap(child: &mut ChildProcess) {
     let _ = child.kill();
-    let _ = child.wait();
+    if child.pidfd.is_none() {
+        let _ = child.wait();
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3).
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: FFI without pointer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }

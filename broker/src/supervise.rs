@@ -11,6 +11,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::restart::Restarter;
 use crate::spawn::ChildProcess;
 
 /// How long a child may take to be reaped after SIGKILL before the broker gives up on it.
@@ -93,8 +94,46 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Supervises the two children until the device ends; returns the broker's exit code.
-pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed) -> i32 {
+/// The broker's children.
+pub struct Children {
+    /// The device-frontend.
+    pub frontend: Managed,
+    /// The renderer-worker now serving (replaced after a restart).
+    pub renderer: Managed,
+    /// The spawner of renderer-workers.
+    pub spawner: Managed,
+}
+
+impl Children {
+    fn all(&mut self) -> [&mut Managed; 3] {
+        [&mut self.frontend, &mut self.renderer, &mut self.spawner]
+    }
+
+    /// Reaps every child that has exited, the known ones by name and any other (a
+    /// renderer the spawner started that failed before the broker knew its pid).
+    fn reap(&mut self) {
+        loop {
+            let mut raw = 0;
+            // SAFETY: FFI; `raw` is a live local.
+            let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let status = ExitStatus::from_raw(raw);
+            match self.all().into_iter().find(|m| m.child.id() == pid as u32) {
+                Some(m) => {
+                    m.child.set_status(status);
+                    m.status.get_or_insert(status);
+                }
+                None => log::debug!("reaped pid {pid}, {}", describe(status)),
+            }
+        }
+    }
+}
+
+/// Supervises the children until the device ends; returns the broker's exit code. A
+/// renderer-worker that dies under a live frontend is replaced through `restarter`.
+pub fn supervise(sfd: &SignalFd, children: &mut Children, restarter: &mut Restarter) -> i32 {
     loop {
         let sig = match sfd.read_signal() {
             Ok(Some(info)) => info.ssi_signo as i32,
@@ -102,13 +141,15 @@ pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed)
             Err(nix::Error::EINTR) => continue,
             Err(e) => {
                 log::error!("reading signals failed: {e}; stopping");
-                stop_all(sfd, &mut [frontend, renderer]);
+                stop_all(sfd, &mut children.all());
                 return 1;
             }
         };
         if sig == libc::SIGCHLD {
-            let mut fe = frontend.reap();
-            let mut re = renderer.reap();
+            children.reap();
+            let (frontend, renderer) = (&mut children.frontend, &mut children.renderer);
+            let mut fe = frontend.status;
+            let mut re = renderer.status;
             if fe.is_none() && re.is_some_and(|st| st.code() == Some(0)) {
                 // The renderer ends cleanly when the frontend closes its channel on the way
                 // out; the frontend's own exit may be a moment behind. Wait for it.
@@ -116,17 +157,36 @@ pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed)
                 re = renderer.reap();
             }
             let clean = |st: Option<ExitStatus>| st.is_none_or(|st| st.code() == Some(0));
+            if fe.is_none() && !clean(re) {
+                if replace_renderer(children, restarter) {
+                    continue;
+                }
+                stop_all(sfd, &mut children.all());
+                return 1;
+            }
+            let (frontend, renderer) = (&children.frontend, &children.renderer);
             match (fe, re) {
-                (None, None) => continue,
+                (None, None) if children.spawner.status.is_none() => continue,
+                (None, None) => {
+                    let st = children.spawner.status.unwrap_or(ExitStatus::from_raw(0));
+                    log::error!(
+                        "spawner (pid {}) {}: no renderer-worker could be restarted; \
+                         stopping the device",
+                        children.spawner.child.id(),
+                        describe(st)
+                    );
+                    stop_all(sfd, &mut children.all());
+                    return 1;
+                }
                 (Some(st), re) if st.code() == Some(0) && clean(re) => {
                     log::info!("device-frontend finished (VMM disconnected); stopping the device");
-                    stop_all(sfd, &mut [renderer]);
+                    stop_all(sfd, &mut [&mut children.renderer, &mut children.spawner]);
                     return 0;
                 }
                 _ => {
                     let culprit = culprit(frontend, fe, renderer, re);
                     log::error!("{culprit}; stopping the device");
-                    stop_all(sfd, &mut [frontend, renderer]);
+                    stop_all(sfd, &mut children.all());
                     return 1;
                 }
             }
@@ -135,8 +195,35 @@ pub fn supervise(sfd: &SignalFd, frontend: &mut Managed, renderer: &mut Managed)
             .map(|s| s.as_str())
             .unwrap_or("signal");
         log::info!("received {name}; stopping the device");
-        stop_all(sfd, &mut [frontend, renderer]);
+        stop_all(sfd, &mut children.all());
         return 0;
+    }
+}
+
+/// The renderer died under a live frontend: start another one. False when there is none
+/// (the limit, or a failure), with the reason logged.
+fn replace_renderer(children: &mut Children, restarter: &mut Restarter) -> bool {
+    let old = &children.renderer;
+    let what = format!(
+        "{} (pid {}) {}",
+        old.role,
+        old.child.id(),
+        old.status.map_or_else(|| "ended".into(), describe)
+    );
+    match restarter.restart() {
+        Ok((child, count)) => {
+            log::warn!(
+                "{what}; restarted it as pid {} (restart {count} within {}s)",
+                child.id(),
+                crate::restart::RESTART_WINDOW.as_secs()
+            );
+            children.renderer = Managed::new(old.role, child);
+            true
+        }
+        Err(why) => {
+            log::error!("{what}; not restarting it: {why}; stopping the device");
+            false
+        }
     }
 }
 

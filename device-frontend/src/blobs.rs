@@ -50,6 +50,8 @@ struct BlobFb {
 struct Slot {
     blob_mem: BlobMem,
     flags: u32,
+    /// The guest's blob id (what a restarted renderer is asked to create again).
+    blob_id: u64,
     size: u64,
     state: MapState,
     /// The renderer's export, held until the VMM has been asked to map it.
@@ -320,6 +322,34 @@ impl Control {
         self.blobs.contexts.contains_key(&ctx_id)
     }
 
+    /// The renderer-worker is gone: its contexts with it, and every blob's state machine
+    /// learns that nothing the renderer owed will come.
+    pub(crate) fn blobs_renderer_gone(&mut self) -> Result<(), FrontendError> {
+        self.blobs.contexts.clear();
+        let mut ids: Vec<u32> = self.blobs.slots.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.drive(id, Event::RendererGone)?;
+        }
+        Ok(())
+    }
+
+    /// What makes blob `resource_id` again in a new renderer-worker: only a guest blob,
+    /// whose entries were kept (a host blob lived in a context of the dead renderer).
+    pub(crate) fn blob_rebuild_op(&self, resource_id: u32) -> Option<RendererOp> {
+        let slot = self.blobs.slots.get(&resource_id)?;
+        let entries = self.resources.get(resource_id).ok()?.entries.clone()?;
+        (slot.blob_mem == BlobMem::Guest).then(|| RendererOp::CreateBlob {
+            ctx_id: 0,
+            resource_id,
+            blob_mem: slot.blob_mem.as_u32(),
+            blob_flags: slot.flags,
+            blob_id: slot.blob_id,
+            size: slot.size,
+            entries: entries.to_vec(),
+        })
+    }
+
     /// Forgets a context whose creation the renderer refused.
     pub(crate) fn forget_context(&mut self, ctx_id: u32) {
         self.blobs.contexts.remove(&ctx_id);
@@ -360,11 +390,16 @@ impl Control {
         if let Err(code) = self.resources.create_blob(resource_id, size) {
             return Ok(Err(code));
         }
+        if blob_mem == BlobMem::Guest {
+            // Only guest memory backs it: a restarted renderer can make it again.
+            self.resources.keep_entries(resource_id, &entries);
+        }
         self.blobs.slots.insert(
             resource_id,
             Slot {
                 blob_mem,
                 flags: blob_flags,
+                blob_id,
                 size,
                 state: MapState::Unmapped,
                 export: None,

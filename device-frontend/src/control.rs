@@ -115,10 +115,10 @@ pub(crate) enum After {
     BlobFinalize { resource_id: u32 },
 }
 
-struct PendingReply {
+pub(crate) struct PendingReply {
     /// (queue, entry id) of the guest command waiting for this reply, if any.
-    entry: Option<(usize, u64)>,
-    after: After,
+    pub(crate) entry: Option<(usize, u64)>,
+    pub(crate) after: After,
 }
 
 /// A guest command between being popped and being answered.
@@ -127,9 +127,9 @@ pub(crate) struct Entry {
     chain: Chain,
     hdr: Option<CtrlHeader>,
     response: Response,
-    replies_left: u32,
+    pub(crate) replies_left: u32,
     fence: Option<FenceInfo>,
-    fence_done: bool,
+    pub(crate) fence_done: bool,
     /// Suspended on a blob's mapping state machine (map answer or unmap completion).
     pub(crate) waiting_on: Option<crate::blobs::Wait>,
 }
@@ -137,6 +137,18 @@ pub(crate) struct Entry {
 impl Entry {
     pub(crate) fn set_response(&mut self, response: Response) {
         self.response = response;
+    }
+
+    /// Answers it with `code`, unless it already has an error (the first one stands).
+    pub(crate) fn fail(&mut self, code: ErrorCode) {
+        if !matches!(self.response, Response::Err(_)) {
+            self.response = Response::Err(code);
+        }
+    }
+
+    /// Whether it waits for a fence.
+    pub(crate) fn fence_pending(&self) -> bool {
+        self.fence.is_some() && !self.fence_done
     }
 
     fn ready(&self) -> bool {
@@ -160,7 +172,7 @@ pub struct Control {
     /// The control queue had work left when it was blocked on a blob: drain it again once
     /// unblocked (the driver will not kick for what it already queued).
     control_deferred: bool,
-    pending: HashMap<u64, PendingReply>,
+    pub(crate) pending: HashMap<u64, PendingReply>,
     next_entry_id: u64,
     /// The entry being executed right now, so `request` can charge replies to it.
     pub(crate) current: Option<(usize, u64)>,
@@ -170,6 +182,13 @@ pub struct Control {
     pub(crate) blobs: crate::blobs::Blobs,
     /// A disconnect's reset is under way: told when it has finished.
     disconnected: Option<crossbeam_channel::Sender<()>>,
+    /// Where new links to a restarted renderer-worker come from (None: a renderer death
+    /// ends the device).
+    pub(crate) renewals: Option<crate::restart::Renewals>,
+    /// The queues that have work left which waits for a renderer to be linked again.
+    pub(crate) held: [bool; NUM_QUEUES],
+    /// What the dead renderer owed has been answered (until the next link).
+    pub(crate) loss_settled: bool,
     /// Test only: the forbidden call to ask the renderer for on the first guest command.
     #[cfg(feature = "test-hooks")]
     test_forbidden: Option<protocol::ipc::ForbiddenSyscall>,
@@ -239,6 +258,9 @@ impl Control {
             stats: Stats::default(),
             blobs: crate::blobs::Blobs::default(),
             disconnected: None,
+            renewals: None,
+            held: [false; NUM_QUEUES],
+            loss_settled: false,
             #[cfg(feature = "test-hooks")]
             test_forbidden: test_forbidden_from_env(),
             #[cfg(feature = "test-hooks")]
@@ -277,13 +299,21 @@ impl Control {
         Ok(())
     }
 
-    /// The renderer rang its doorbell: take its replies and fence completions.
+    /// The renderer (or the broker, with a new renderer) rang the doorbell: take the
+    /// renderer's replies and fence completions; if it is gone, answer what it owed and
+    /// take a new link if the broker has one.
     pub fn renderer_events(&mut self) -> Result<(), FrontendError> {
-        for event in self.link.take_events()? {
+        let (events, gone) = self.link.take_events();
+        for event in events {
             match event {
                 RendererEvent::Reply { seq, result } => self.on_reply(seq, result),
                 RendererEvent::FenceSignaled(f) => self.on_fence(f),
             }
+        }
+        if gone {
+            self.renderer_gone("its event channel closed");
+            self.settle_renderer_loss()?;
+            self.take_renewal()?;
         }
         Ok(())
     }
@@ -308,6 +338,7 @@ impl Control {
     /// Answers whatever has become answerable and releases stopped queues; called after
     /// every batch of inputs.
     pub fn settle(&mut self) -> Result<(), FrontendError> {
+        self.settle_renderer_loss()?;
         let control = CONTROL_QUEUE as usize;
         // Answering may unblock the control queue, and draining it may answer more.
         while self.control_deferred && !self.control_blocked() {
@@ -327,7 +358,7 @@ impl Control {
         &self.stats
     }
 
-    fn set_memory(&mut self, mem: GuestMem) -> Result<(), FrontendError> {
+    pub(crate) fn set_memory(&mut self, mem: GuestMem) -> Result<(), FrontendError> {
         use protocol::ipc::GuestRegion;
         use std::os::fd::AsFd;
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -351,7 +382,16 @@ impl Control {
             fds.push(fo.file().as_fd());
         }
         log::info!("guest memory table: {} region(s)", regions.len());
-        let ticket = self.link.send_fds(&fds)?;
+        let ticket = match self.link.send_fds(&fds) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                // The next renderer gets the table when it is linked.
+                drop(fds);
+                self.renderer_gone(&e.to_string());
+                self.mem = Some(mem);
+                return Ok(());
+            }
+        };
         drop(fds);
         self.mem = Some(mem.clone());
         self.request(
@@ -433,7 +473,16 @@ impl Control {
         fence: Option<FenceInfo>,
         after: After,
     ) -> Result<(), FrontendError> {
-        let seq = self.link.send(op, fence)?;
+        let seq = match self.link.send(op, fence) {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Recorded as sent all the same: `settle_renderer_loss` answers it with
+                // everything else the renderer owed, at a point where no state machine
+                // is half-way through a step.
+                self.renderer_gone(&e.to_string());
+                self.link.burn_seq()
+            }
+        };
         let entry = self.current;
         if let Some((q, id)) = entry {
             if let Some(e) = self.fifos[q].iter_mut().rev().find(|e| e.id == id) {
@@ -447,7 +496,7 @@ impl Control {
         Ok(())
     }
 
-    fn drain_queue(&mut self, q: usize) -> Result<(), FrontendError> {
+    pub(crate) fn drain_queue(&mut self, q: usize) -> Result<(), FrontendError> {
         let (Some(vring), Some(mem)) = (self.vrings[q].clone(), self.mem.clone()) else {
             return Ok(());
         };
@@ -464,6 +513,11 @@ impl Control {
                 }
             }
             loop {
+                if !self.link.is_alive() {
+                    // Everything it would ask the renderer waits for the next one.
+                    self.held[q] = true;
+                    return Ok(());
+                }
                 if q == CONTROL_QUEUE as usize && self.control_blocked() {
                     self.control_deferred = true;
                     return Ok(());

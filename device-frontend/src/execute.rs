@@ -434,7 +434,15 @@ impl Control {
                 return Ok(Err(ErrorCode::OutOfMemory));
             }
         };
-        let fds = self.link.send_fds(&[buffer.fd()])?;
+        let fds = match self.link.send_fds(&[buffer.fd()]) {
+            Ok(fds) => fds,
+            Err(e) => {
+                self.renderer_gone(&e.to_string());
+                let total = self.scanout_bytes_except(None);
+                self.resources.set_scanout_bytes(total);
+                return Ok(Err(ErrorCode::Unspec));
+            }
+        };
         let size = buffer.len() as u64;
         self.scanouts[scanout_id as usize].buffer = Some(buffer);
         Ok(Ok((fds, size)))

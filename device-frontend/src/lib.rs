@@ -18,6 +18,7 @@ pub mod guest_log;
 pub mod mailbox;
 pub mod renderer_link;
 pub mod resources;
+pub mod restart;
 mod sandbox;
 pub mod scanout;
 mod virgl;
@@ -83,7 +84,10 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     // SAFETY: as for the lane: the doorbell eventfd was placed at this number for us alone.
     let doorbell = unsafe { OwnedFd::from_raw_fd(boot.doorbell_fd) };
     let link = RendererLink::new(boot.to_renderer, boot.from_renderer, doorbell, lane);
-    let control = Control::new(config.clone(), link, event_idx.clone());
+    let mut control = Control::new(config.clone(), link, event_idx.clone());
+    // SAFETY: as for the lane: the broker's lane was placed at this number for us alone.
+    let broker_lane = unsafe { Lane::from_raw_fd(boot.broker_lane_fd) };
+    control.set_renewals(restart::Renewals::new(boot.renewals, broker_lane));
     let device = GpuDevice::new(&config, control, (mailbox, inbox), event_idx)
         .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
     let mut daemon = new_daemon(&device)?;

@@ -21,6 +21,8 @@ pub struct RendererLink {
     doorbell: OwnedFd,
     lane: Lane,
     next_seq: u64,
+    /// False from the moment the renderer is known to be gone until a new one is linked.
+    alive: bool,
 }
 
 impl RendererLink {
@@ -37,7 +39,33 @@ impl RendererLink {
             doorbell,
             lane,
             next_seq: 1,
+            alive: true,
         }
+    }
+
+    /// Links a new renderer-worker in place of a dead one (same doorbell: every renderer
+    /// the broker starts shares it).
+    pub fn renew(
+        &mut self,
+        tx: IpcSender<RendererRequest>,
+        rx: IpcReceiver<RendererEvent>,
+        lane: Lane,
+    ) {
+        self.tx = tx;
+        self.rx = rx;
+        self.lane = lane;
+        self.next_seq = 1;
+        self.alive = true;
+    }
+
+    /// Whether a renderer is linked.
+    pub fn is_alive(&self) -> bool {
+        self.alive
+    }
+
+    /// The renderer is gone: nothing more is sent until [`RendererLink::renew`].
+    pub fn mark_gone(&mut self) {
+        self.alive = false;
     }
 
     /// The doorbell, for the event loop to watch.
@@ -47,6 +75,9 @@ impl RendererLink {
 
     /// Puts `fds` on the lane; the returned ticket goes into the op that uses them.
     pub fn send_fds(&self, fds: &[BorrowedFd<'_>]) -> Result<FdTicket, FrontendError> {
+        if !self.alive {
+            return Err(FrontendError::RendererGone);
+        }
         Ok(self.lane.send(fds)?)
     }
 
@@ -57,6 +88,9 @@ impl RendererLink {
 
     /// Sends one request and returns its sequence number.
     pub fn send(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Result<u64, FrontendError> {
+        if !self.alive {
+            return Err(FrontendError::RendererGone);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.tx
@@ -65,24 +99,31 @@ impl RendererLink {
         Ok(seq)
     }
 
-    /// Every event the renderer has sent so far, after the doorbell rang. An Err means the
-    /// renderer is gone (or sent something that is not an event).
-    pub fn take_events(&mut self) -> Result<Vec<RendererEvent>, FrontendError> {
+    /// A sequence number for a request that could not be sent (its reply is made up by
+    /// the frontend when it answers what the dead renderer owed).
+    pub fn burn_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Every event the renderer has sent so far, after the doorbell rang, and whether the
+    /// renderer is gone (its channel closed, or it sent something that is not an event).
+    pub fn take_events(&mut self) -> (Vec<RendererEvent>, bool) {
         // Silence the bell before reading: an event sent after this read rings it again.
         let mut buf = [0u8; 8];
         let _ = nix::unistd::read(&self.doorbell, &mut buf);
         let mut events = Vec::new();
+        if !self.alive {
+            return (events, true);
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(event) => events.push(event),
-                Err(ipc_channel::TryRecvError::Empty) => return Ok(events),
+                Err(ipc_channel::TryRecvError::Empty) => return (events, false),
                 Err(ipc_channel::TryRecvError::IpcError(e)) => {
                     log::debug!("renderer event channel: {e:?}");
-                    if events.is_empty() {
-                        return Err(FrontendError::RendererGone);
-                    }
-                    // Handle what did arrive; the next ring (or the broker) ends us.
-                    return Ok(events);
+                    return (events, true);
                 }
             }
         }

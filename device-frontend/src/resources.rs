@@ -3,6 +3,7 @@
 //! and the byte budget here is what bounds the host memory a guest can make us allocate.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use protocol::config::Limits;
 use protocol::ipc::{BackingEntry, Resource3d};
@@ -64,7 +65,17 @@ pub struct Resource {
     pub height: u32,
     /// Total length of the attached backing, if any.
     pub backing_len: Option<u64>,
+    /// The guest's backing entries (a 2D resource's attached backing, a guest blob's),
+    /// kept to rebuild the resource in a restarted renderer-worker; None when it has none
+    /// or they did not fit [`KEPT_ENTRIES_BUDGET`].
+    pub entries: Option<Arc<[BackingEntry]>>,
 }
+
+/// Most backing entries (16 bytes each) the table keeps for rebuilding resources after a
+/// renderer restart, over all resources: a guest can attach up to `max_backing_entries`
+/// per resource, and this bounds what the frontend holds on top of the renderer. A
+/// resource whose entries do not fit is lost, not rebuilt, at a restart.
+pub const KEPT_ENTRIES_BUDGET: usize = 1 << 20;
 
 impl Resource {
     /// Host bytes the resource occupies in the renderer.
@@ -158,6 +169,8 @@ pub struct ResourceTable {
     /// the same budget (without it, one resource shown on 16 scanouts would cost 17 times
     /// its size).
     scanout_bytes: u64,
+    /// Backing entries kept over all resources (at most [`KEPT_ENTRIES_BUDGET`]).
+    kept_entries: usize,
 }
 
 impl ResourceTable {
@@ -168,6 +181,51 @@ impl ResourceTable {
             resources: HashMap::new(),
             bytes_in_use: 0,
             scanout_bytes: 0,
+            kept_entries: 0,
+        }
+    }
+
+    /// The ids of every live resource, in ascending order.
+    pub fn ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.resources.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Keeps a copy of `entries` (merged where contiguous) with resource `id`, if they fit
+    /// [`KEPT_ENTRIES_BUDGET`]; replaces what it kept before.
+    pub fn keep_entries(&mut self, id: u32, entries: &[BackingEntry]) {
+        self.forget_entries(id);
+        let mut merged: Vec<BackingEntry> = Vec::new();
+        for e in entries {
+            match merged.last_mut() {
+                Some(last)
+                    if last.addr.checked_add(u64::from(last.length)) == Some(e.addr)
+                        && last.length.checked_add(e.length).is_some() =>
+                {
+                    last.length += e.length;
+                }
+                _ => merged.push(*e),
+            }
+        }
+        if self.kept_entries + merged.len() > KEPT_ENTRIES_BUDGET {
+            log::debug!(
+                "resource {id}: {} backing entries not kept ({} kept already): it will not \
+                 survive a renderer restart",
+                merged.len(),
+                self.kept_entries
+            );
+            return;
+        }
+        if let Some(r) = self.resources.get_mut(&id) {
+            self.kept_entries += merged.len();
+            r.entries = Some(merged.into());
+        }
+    }
+
+    fn forget_entries(&mut self, id: u32) {
+        if let Some(kept) = self.resources.get_mut(&id).and_then(|r| r.entries.take()) {
+            self.kept_entries -= kept.len();
         }
     }
 
@@ -247,6 +305,7 @@ impl ResourceTable {
                 width,
                 height,
                 backing_len: None,
+                entries: None,
             },
         )
     }
@@ -269,6 +328,7 @@ impl ResourceTable {
                 width: args.width,
                 height: args.height,
                 backing_len: None,
+                entries: None,
             },
         )
     }
@@ -300,12 +360,14 @@ impl ResourceTable {
                 width: 0,
                 height: 0,
                 backing_len: None,
+                entries: None,
             },
         )
     }
 
     /// Removes a resource and returns what it was.
     pub fn remove(&mut self, id: u32) -> Result<Resource, ErrorCode> {
+        self.forget_entries(id);
         let resource = self
             .resources
             .remove(&id)
@@ -330,6 +392,7 @@ impl ResourceTable {
             .try_fold(0u64, |acc, e| acc.checked_add(u64::from(e.length)))
             .ok_or(ErrorCode::InvalidParameter)?;
         resource.backing_len = Some(total);
+        self.keep_entries(id, entries);
         Ok(())
     }
 
@@ -340,6 +403,7 @@ impl ResourceTable {
             .get_mut(&id)
             .ok_or(ErrorCode::InvalidResourceId)?;
         resource.backing_len = None;
+        self.forget_entries(id);
         Ok(())
     }
 
@@ -421,6 +485,7 @@ impl ResourceTable {
         self.resources.clear();
         self.bytes_in_use = 0;
         self.scanout_bytes = 0;
+        self.kept_entries = 0;
     }
 }
 

@@ -375,6 +375,10 @@ pub struct ExecPlan<'a> {
     /// unique and below [`FIXED_FD_LIMIT`], sources at or above it. Everything else the
     /// caller has open is marked close-on-exec in the child.
     pub fds: &'a [(BorrowedFd<'a>, RawFd)],
+    /// Start it as the caller's sibling (`CLONE_PARENT`): its parent is the caller's
+    /// parent, which reaps and supervises it. The caller cannot wait for it then, and must
+    /// not be init of a pid namespace (the kernel refuses).
+    pub sibling: bool,
 }
 
 /// A child that [`spawn`] started: it has executed the program.
@@ -439,12 +443,19 @@ fn start(wanted: NamespaceSet, plan: Option<&ExecPlan<'_>>) -> Result<Started, N
             broker_mnt,
         };
         let exec = plan.map(|p| PreparedExec::new(p, &grant)).transpose()?;
+        let sibling = plan.is_some_and(|p| p.sibling);
+        let flags = set.clone_flags()
+            | if sibling {
+                libc::CLONE_PARENT as libc::c_ulong
+            } else {
+                0
+            };
         let (report_r, report_w) = report_pipe()?;
         let (report_r_raw, report_w_raw) = (report_r.as_raw_fd(), report_w.as_raw_fd());
         // SAFETY: fork semantics (no CLONE_VM, no new stack). The child branch runs only
         // `child_side`, which makes async-signal-safe system calls on data prepared above
         // and never returns.
-        let pid = match unsafe { clone_process(set.clone_flags()) } {
+        let pid = match unsafe { clone_process(flags) } {
             Ok(0) => {
                 // SAFETY: we are the new child; see `child_side`.
                 unsafe { child_side(report_r_raw, report_w_raw, maps.as_ref(), exec.as_ref()) }

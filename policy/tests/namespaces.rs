@@ -196,6 +196,7 @@ fn spawned_child_is_pid_one_with_its_fd_and_an_empty_root() {
             args: &args,
             env: &env,
             fds: &[(w.as_fd(), PIPE_FD)],
+            sibling: false,
         },
     )
     .expect("spawn");
@@ -230,6 +231,7 @@ fn abort_as_pid_one_under_the_filter_exits_134_not_sigsys() {
             args: &args,
             env: &env,
             fds: &[],
+            sibling: false,
         },
     )
     .expect("spawn");
@@ -253,6 +255,7 @@ fn a_bad_fd_layout_is_refused_before_any_process_starts() {
             args: &args,
             env: &env,
             fds: &[(stderr.as_fd(), PIPE_FD)],
+            sibling: false,
         },
     )
     .expect_err("a source below FIXED_FD_LIMIT");

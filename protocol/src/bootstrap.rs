@@ -23,6 +23,9 @@ pub const LISTENER_FD: i32 = 4;
 /// renderer increments after each event it sends, so the frontend's event loop (which
 /// cannot poll an ipc-channel receiver) knows when to read the events channel.
 pub const DOORBELL_FD: i32 = 5;
+/// The fd number at which the frontend inherits its end of the broker's descriptor lane,
+/// on which a restarted renderer-worker's lane end arrives (see [`RendererLinkRenewal`]).
+pub const BROKER_LANE_FD: i32 = 6;
 
 /// The process roles below the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +97,24 @@ pub struct FrontendBootstrap {
     pub listener_fd: i32,
     /// Inherited fd number of the renderer's doorbell (read side).
     pub doorbell_fd: i32,
+    /// Links to the renderer-workers the broker starts after one dies.
+    pub renewals: IpcReceiver<RendererLinkRenewal>,
+    /// Inherited fd number of the broker's descriptor lane ([`BROKER_LANE_FD`]).
+    pub broker_lane_fd: i32,
+}
+
+/// The frontend's link to a restarted renderer-worker, sent by the broker on
+/// [`FrontendBootstrap::renewals`] once the new renderer is ready; the broker then rings
+/// the doorbell, which the new renderer shares with the old one.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RendererLinkRenewal {
+    /// Requests to the new renderer.
+    pub to_renderer: IpcSender<RendererRequest>,
+    /// Replies and events from it.
+    pub from_renderer: IpcReceiver<RendererEvent>,
+    /// The frontend's end of the new descriptor lane, on the broker's lane under this
+    /// ticket (one fd).
+    pub lane: crate::lane::FdTicket,
 }
 
 /// The bootstrap of the renderer-worker.

@@ -76,6 +76,8 @@ pub enum Role {
     DeviceFrontend,
     /// `--internal-role renderer-worker`.
     RendererWorker,
+    /// `--internal-role spawner`: starts the renderer-workers for the broker.
+    Spawner,
     /// Something else (role string from the command line, or "unknown").
     Other(String),
 }
@@ -86,6 +88,7 @@ impl std::fmt::Display for Role {
             Role::Broker => f.write_str("broker"),
             Role::DeviceFrontend => f.write_str("device-frontend"),
             Role::RendererWorker => f.write_str("renderer-worker"),
+            Role::Spawner => f.write_str("spawner"),
             Role::Other(s) => f.write_str(s),
         }
     }
@@ -138,6 +141,7 @@ fn role_of(pid: i32) -> Role {
     match role.as_deref() {
         Some("device-frontend") => Role::DeviceFrontend,
         Some("renderer-worker") => Role::RendererWorker,
+        Some("spawner") => Role::Spawner,
         Some(other) => Role::Other(other.to_string()),
         None => Role::Other("unknown".into()),
     }

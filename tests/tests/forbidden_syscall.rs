@@ -1,6 +1,8 @@
 //! A forbidden system call made inside the real renderer-worker kills it (SIGSYS), and the
-//! broker says exactly that, exits non-zero and leaves no process behind: the renderer
-//! cannot open a file, create a socket or start a program.
+//! broker says exactly that: the renderer cannot open a file, create a socket or start a
+//! program. With restarts off (`--max-renderer-restarts 0`) the broker then exits non-zero
+//! and leaves no process behind; by default it replaces the renderer mid-command and the
+//! device serves on.
 //!
 //! The request that makes the renderer do it (`RendererOp::TestForbiddenSyscall`) exists
 //! only with the cargo feature `test-hooks`, so these tests build their own `vgpu-sandbox`
@@ -19,6 +21,8 @@ use vgpu_tests::Stack;
 
 /// Bound on the broker's exit and on its processes disappearing.
 const EXIT: Duration = Duration::from_secs(10);
+/// The renderer's death ends the device, as these tests expect.
+const NO_RESTARTS: &[&str] = &["--max-renderer-restarts", "0"];
 /// What the test-hooks build's frontend reads.
 const TEST_FORBIDDEN_ENV: &str = "VGPU_SANDBOX_TEST_FORBIDDEN";
 
@@ -166,7 +170,7 @@ fn frontend_opening_the_render_node_is_killed_with_sigsys() {
 
 /// Default mode (kill): the broker's report names the renderer (its pid) and SIGSYS.
 fn killed_with_sigsys(which: &str) {
-    let (stack, renderer) = run_with_hook(test_hooks_binary(), which, &[]);
+    let (stack, renderer) = run_with_hook(test_hooks_binary(), which, NO_RESTARTS);
     let named = format!("renderer-worker (pid {})", renderer.pid);
     let report = format!(
         "{named} was killed by SIGSYS (seccomp violation: it made a forbidden system call)"
@@ -179,7 +183,8 @@ fn killed_with_sigsys(which: &str) {
 /// `--seccomp trap`: the renderer's own line names the system call, and the broker reports
 /// the trap's exit status.
 fn trapped_naming(which: &str, syscall: &str) {
-    let (stack, renderer) = run_with_hook(test_hooks_binary(), which, &["--seccomp", "trap"]);
+    let args = [NO_RESTARTS, &["--seccomp", "trap"]].concat();
+    let (stack, renderer) = run_with_hook(test_hooks_binary(), which, &args);
     let trap_line = stack
         .wait_for_log("renderer-worker: seccomp violation: syscall", EXIT)
         .unwrap_or_else(|e| panic!("no trap line from the renderer: {e}"));
@@ -226,6 +231,68 @@ fn trap_mode_names_socket() {
 #[test]
 fn trap_mode_names_execve() {
     trapped_naming("exec", "execve");
+}
+
+/// By default a renderer killed by its filter in the middle of a guest command is replaced:
+/// the command is answered, and the device serves on through the new renderer.
+#[test]
+fn renderer_killed_by_sigsys_mid_command_is_replaced_and_the_device_serves_on() {
+    let bin = test_hooks_binary();
+    let dir = tempfile::Builder::new()
+        .prefix("vgpu-sandbox-test")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let socket = dir.path().join("vgpu.sock");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .env(TEST_FORBIDDEN_ENV, "open");
+    let mut stack = Stack::start_command(cmd, dir, socket, true)
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let renderer = stack
+        .child_with_role(&Role::RendererWorker)
+        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let mut vmm = stack
+        .connect()
+        .unwrap_or_else(|e| panic!("test VMM set-up failed: {e}\n{}", stack.log_text()));
+    // The hook's request goes out with this command; the renderer dies on it.
+    let r = vmm
+        .gpu()
+        .resource_create_2d(1, format::B8G8R8X8_UNORM, 8, 8)
+        .unwrap_or_else(|e| {
+            panic!(
+                "RESOURCE_CREATE_2D got no answer: {e}\n{}",
+                stack.log_text()
+            )
+        });
+    assert!(
+        r.kind == resp::OK_NODATA || r.kind == resp::ERR_UNSPEC,
+        "RESOURCE_CREATE_2D in flight at the renderer's death: {}",
+        r.kind_name()
+    );
+    let report = format!(
+        "renderer-worker (pid {}) was killed by SIGSYS (seccomp violation: it made a \
+         forbidden system call); restarted it as pid",
+        renderer.pid
+    );
+    stack
+        .wait_for_log(&report, EXIT)
+        .unwrap_or_else(|e| panic!("no restart after the SIGSYS: {e}"));
+    let r = vmm
+        .gpu()
+        .resource_create_2d(2, format::B8G8R8X8_UNORM, 8, 8)
+        .unwrap_or_else(|e| panic!("RESOURCE_CREATE_2D after the restart: {e}"));
+    assert_eq!(r.kind, resp::OK_NODATA, "{}", r.kind_name());
+    let r = vmm
+        .gpu()
+        .get_display_info()
+        .unwrap_or_else(|e| panic!("GET_DISPLAY_INFO after the restart: {e}"));
+    assert_eq!(r.kind, resp::OK_DISPLAY_INFO, "{}", r.kind_name());
+    let status = stack.terminate(EXIT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Some(0), "{}", stack.log_text());
+    let left = stack.wait_all_gone(EXIT);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    drop(vmm);
 }
 
 /// The default binary (target/debug, no `test-hooks`) has no such request: the variable is

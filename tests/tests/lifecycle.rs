@@ -1,5 +1,6 @@
-//! Process lifecycle: the three processes and their roles, clean exits on SIGTERM and on
-//! VMM disconnect, and a loud failure when the renderer dies.
+//! Process lifecycle: the processes and their roles, clean exits on SIGTERM and on VMM
+//! disconnect, and a loud failure when a child dies for good (the renderer with restarts
+//! off; its restart is `renderer_restart.rs`).
 
 mod common;
 
@@ -23,19 +24,20 @@ fn assert_nothing_left(stack: &mut Stack) {
 }
 
 #[test]
-fn three_processes_each_role_once_children_of_the_broker() {
+fn four_processes_each_role_once_children_of_the_broker() {
     let mut stack = Stack::start(&[]).unwrap_or_else(|e| panic!("{e}"));
     let procs = stack.processes();
     let broker = stack.pid();
     let count = |r: &Role| procs.iter().filter(|p| &p.role == r).count();
     assert_eq!(
         procs.len(),
-        3,
-        "expected broker + 2 children, got {procs:#?}"
+        4,
+        "expected broker + 3 children, got {procs:#?}"
     );
     assert_eq!(count(&Role::Broker), 1, "{procs:#?}");
     assert_eq!(count(&Role::DeviceFrontend), 1, "{procs:#?}");
     assert_eq!(count(&Role::RendererWorker), 1, "{procs:#?}");
+    assert_eq!(count(&Role::Spawner), 1, "{procs:#?}");
     for p in procs.iter().filter(|p| p.role != Role::Broker) {
         assert_eq!(
             p.ppid, broker,
@@ -98,8 +100,8 @@ fn vmm_disconnect_exits_zero_and_leaves_no_process() {
 
 /// SIGKILLs the child of `role`: the broker must exit non-zero with a line naming it
 /// (`named`), and nothing may be left.
-fn killed_child_fails_the_broker(role: Role, named: &str) {
-    let (mut stack, _vmm) = start(&[]);
+fn killed_child_fails_the_broker(role: Role, named: &str, args: &[&str]) {
+    let (mut stack, _vmm) = start(args);
     let child = stack
         .child_with_role(&role)
         .unwrap_or_else(|| panic!("no single {role:?} among {:#?}", stack.processes()));
@@ -123,12 +125,16 @@ fn killed_child_fails_the_broker(role: Role, named: &str) {
 
 #[test]
 fn killed_renderer_makes_the_broker_fail_naming_it() {
-    killed_child_fails_the_broker(Role::RendererWorker, "renderer-worker");
+    killed_child_fails_the_broker(
+        Role::RendererWorker,
+        "renderer-worker",
+        &["--max-renderer-restarts", "0"],
+    );
 }
 
 #[test]
 fn killed_device_frontend_makes_the_broker_fail() {
-    killed_child_fails_the_broker(Role::DeviceFrontend, "device-frontend");
+    killed_child_fails_the_broker(Role::DeviceFrontend, "device-frontend", &[]);
 }
 
 // ---------------------------------------------------------------- broker killed, sandboxing
@@ -473,15 +479,16 @@ fn device_reset_drops_resources_and_the_device_serves_again() {
 
 // ---------------------------------------------------------------- renderer dies mid-stream
 
-/// The renderer is SIGKILLed while the guest keeps submitting commands: the broker exits
-/// non-zero naming the renderer-worker, and no process of the stack is left.
+/// With restarts off, the renderer is SIGKILLed while the guest keeps submitting commands:
+/// the broker exits non-zero naming the renderer-worker, and no process of the stack is
+/// left.
 #[test]
 fn renderer_killed_mid_stream_fails_the_broker_naming_it() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{mpsc, Arc};
     use vgpu_tests::gpu::{format, Rect};
 
-    let (mut stack, mut vmm) = start(&["--output", "320x200"]);
+    let (mut stack, mut vmm) = start(&["--output", "320x200", "--max-renderer-restarts", "0"]);
     let (w, h) = (320, 200);
     common::resource_with(
         &mut vmm,
