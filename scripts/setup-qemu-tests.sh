@@ -10,6 +10,9 @@
 #     fbdev/console and DRM UAPI headers: Debian ships drm.h/drm_mode.h in libdrm-dev);
 #   - first, the build dependencies (scripts/setup-build-deps.sh: virglrenderer, bindgen's
 #     libclang, Mesa's EGL and llvmpipe);
+#   - for the packaging test (tests/tests/packaging.rs): dpkg-dev (dpkg-shlibdeps, which
+#     cargo-deb derives Depends with), libvirt-clients and libxml2-utils
+#     (virt-xml-validate), and cargo-deb itself (`cargo install`, into ~/.cargo/bin);
 #   - a Debian 6.12 kernel (linux-image-*-amd64-unsigned from backports), fetched with
 #     `apt-get download` and unpacked with `dpkg -x` into the cache directory: nothing is
 #     installed into /boot.
@@ -37,7 +40,8 @@ dst=/etc/apt/sources.list.d/vgpu-sandbox-$suite.sources
 kernel_series=6.12
 
 # Packages from the main suite, and from backports (QEMU 10).
-main_pkgs=(busybox-static xz-utils gcc libc6-dev linux-libc-dev libdrm-dev)
+main_pkgs=(busybox-static xz-utils gcc libc6-dev linux-libc-dev libdrm-dev dpkg-dev libvirt-clients
+    libxml2-utils)
 bpo_pkgs=(qemu-system-x86 qemu-system-gui)
 
 installed() {
@@ -74,6 +78,13 @@ report() {
 }
 
 "$here/scripts/setup-build-deps.sh"
+
+# Major version pinned: cargo-deb announces that a later one will refuse the dev-profile
+# package the packaging test builds.
+if ! command -v cargo-deb >/dev/null; then
+    say "installing cargo-deb (cargo install --locked)"
+    cargo install --quiet --locked cargo-deb --version '^3.8' || die "cargo install cargo-deb failed"
+fi
 
 if all_ready; then
     say "everything is already in place; nothing to do"

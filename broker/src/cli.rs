@@ -103,6 +103,13 @@ pub enum Sub {
     /// when it fails; the broker runs it before it starts anything with --virgl.
     #[command(hide = true)]
     ProbeVirgl,
+    /// Internal, for packaging: write the man pages and the bash, zsh and fish completions
+    /// into DIR (scripts/build-deb.sh runs it before cargo-deb).
+    #[command(hide = true)]
+    GenAssets {
+        /// Directory to write the man pages and completion files into (created).
+        dir: PathBuf,
+    },
 }
 
 /// Options of `demo`.
@@ -325,6 +332,28 @@ pub fn probe_virgl() -> Result<u32, String> {
 #[cfg(not(feature = "virgl"))]
 pub fn probe_virgl() -> Result<u32, String> {
     Err("this build has no virgl renderer (built without the `virgl` feature)".into())
+}
+
+/// `gen-assets DIR`: the man pages and shell completions, derived from this very command
+/// line so that they cannot drift from `--help`.
+pub fn gen_assets(dir: &std::path::Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let failed = |what: &str, e: std::io::Error| format!("{what} in {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| failed("creating the directory", e))?;
+    let cmd = Cli::command();
+    // vgpu-sandbox.1 plus one page per public subcommand, which it refers to.
+    clap_mangen::generate_to(cmd.clone(), dir).map_err(|e| failed("writing the man pages", e))?;
+    // clap_complete offers hidden subcommands too; the internal ones are no one's to type.
+    let mut public = clap::Command::new("vgpu-sandbox")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut public, "vgpu-sandbox", dir)
+            .map_err(|e| failed(&format!("writing the {shell} completions"), e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -77,6 +77,10 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
     if let Some(cli::Sub::CheckHost) = cli.command {
         return Ok(check_host::run());
     }
+    if let Some(cli::Sub::GenAssets { dir }) = &cli.command {
+        cli::gen_assets(dir)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(cli::Sub::Demo(args)) = cli.command {
         logger::init("broker", cli.serve.log_level);
         let bin = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;
