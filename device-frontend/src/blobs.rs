@@ -58,6 +58,9 @@ struct Slot {
     export: Option<OwnedFd>,
     /// UNREF commands (queue, entry) waiting for the unmap before they unref.
     unref_after_unmap: Vec<(usize, u64)>,
+    /// It lived in a renderer-worker that died and was not made again in the new one:
+    /// its unref concerns the frontend alone.
+    lost: bool,
 }
 
 /// What the frontend knows of a context's command stream.
@@ -334,6 +337,13 @@ impl Control {
         Ok(())
     }
 
+    /// After a new renderer was linked: the blobs it was not asked to make again.
+    pub(crate) fn mark_lost_blobs(&mut self, kept: impl Fn(u32) -> bool) {
+        for (id, slot) in self.blobs.slots.iter_mut() {
+            slot.lost = !kept(*id);
+        }
+    }
+
     /// What makes blob `resource_id` again in a new renderer-worker: only a guest blob,
     /// whose entries were kept (a host blob lived in a context of the dead renderer).
     pub(crate) fn blob_rebuild_op(&self, resource_id: u32) -> Option<RendererOp> {
@@ -404,6 +414,7 @@ impl Control {
                 state: MapState::Unmapped,
                 export: None,
                 unref_after_unmap: Vec::new(),
+                lost: false,
             },
         );
         let op = RendererOp::CreateBlob {
@@ -587,8 +598,13 @@ impl Control {
         resource_id: u32,
         fence: Option<protocol::ipc::FenceInfo>,
     ) -> Result<(), FrontendError> {
-        self.blobs.slots.remove(&resource_id);
+        let slot = self.blobs.slots.remove(&resource_id);
         let _ = self.resources.remove(resource_id);
+        if slot.is_some_and(|s| s.lost) {
+            // The renderer that held it is gone: nothing to release there, and a fence
+            // needs no renderer when the command is answered at once (in queue order).
+            return Ok(());
+        }
         self.request(RendererOp::Unref { resource_id }, fence, After::Nothing)
     }
 

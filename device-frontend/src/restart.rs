@@ -134,6 +134,7 @@ impl Control {
             self.set_memory(mem)?;
         }
         let (mut rebuilt, mut lost) = (0usize, 0usize);
+        let mut blobs_made = std::collections::HashSet::new();
         for id in self.resources.ids() {
             let Ok(r) = self.resources.get(id) else {
                 continue;
@@ -171,6 +172,7 @@ impl Control {
                 ResourceKind::Blob { .. } => match self.blob_rebuild_op(id) {
                     Some(op) => {
                         self.request(op, None, After::Nothing)?;
+                        blobs_made.insert(id);
                         rebuilt += 1;
                     }
                     // Kept so the guest can still unmap and unref it; the renderer now
@@ -183,6 +185,7 @@ impl Control {
                 }
             }
         }
+        self.mark_lost_blobs(|id| blobs_made.contains(&id));
         let mut shown = 0usize;
         for scanout_id in 0..self.scanouts.len() as u32 {
             if self.show_again(scanout_id)? {

@@ -476,3 +476,59 @@ fn malformed_set_scanout_blob_gets_specific_errors() {
     still_works(&mut vmm, "malformed SET_SCANOUT_BLOB");
     common::no_violations(&vmm);
 }
+
+/// A renderer-worker that dies is replaced, and a guest blob shown on a scanout (the Linux
+/// driver's dumb buffer with RESOURCE_BLOB) is made again from guest memory: the scanout
+/// shows the blob's current pixels after the restart, and flushes go on.
+#[test]
+fn a_shown_guest_blob_survives_a_renderer_restart() {
+    let (mut stack, mut vmm) = start();
+    let first = blob_bytes(5);
+    let addr = guest_blob(&mut vmm, 1, &first);
+    ok(
+        "SET_SCANOUT_BLOB",
+        vmm.gpu()
+            .set_scanout_blob(0, 1, full(), fb(format::B8G8R8X8_UNORM)),
+    );
+    wait_update_rect(&vmm, full());
+    let renderer = stack
+        .child_with_role(&vgpu_tests::stack::Role::RendererWorker)
+        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", stack.processes()));
+    // The guest draws while the renderer is gone; the rebuilt scanout shows it.
+    let second = blob_bytes(6);
+    vmm.memory().write(addr, &second).unwrap();
+    vmm.display().skip_to_end();
+    stack
+        .signal_process(&renderer, nix::sys::signal::Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    stack
+        .wait_for_log(
+            "new renderer-worker linked: 1 resource(s) rebuilt from guest memory, 0 lost",
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("the blob was not rebuilt: {e}"));
+    wait_update_rect(&vmm, full());
+    let (_, _, frame) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
+    assert_pixels(
+        &frame,
+        &packed(&second),
+        W,
+        "the blob scanout after the restart",
+    );
+    let third = blob_bytes(7);
+    vmm.memory().write(addr, &third).unwrap();
+    vmm.display().skip_to_end();
+    ok(
+        "RESOURCE_FLUSH after the restart",
+        vmm.gpu().resource_flush(1, full()),
+    );
+    wait_update_rect(&vmm, full());
+    let (_, _, frame) = vmm.display().framebuffer(0).unwrap();
+    assert_pixels(
+        &frame,
+        &packed(&third),
+        W,
+        "a flush through the new renderer",
+    );
+    still_works(&mut vmm, "a renderer restart with a blob scanout");
+}

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{expect, ok, still_works};
+use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::{AckAction, BackendEvent, BackendRequests, RequestKind};
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
 use vgpu_tests::gpu::{blob, capset, resp, BlobParams, Command, GpuError, MemEntry};
 use vgpu_tests::hostmem::HostmemWindow;
+use vgpu_tests::stack::Role;
 use vgpu_tests::vmm::HOSTMEM_SHMID;
 use vgpu_tests::{Stack, TestVmm, VmmOptions};
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
@@ -671,4 +673,136 @@ fn a_vmm_gone_with_a_blob_mapped_leaves_a_fresh_device_for_the_next() {
     map_ok(&mut fx, 1, 0, &b);
     still_works(&mut fx.vmm, "a reconnect with a blob mapped");
     no_violations(&fx);
+}
+
+// ---------------------------------------------------------------- renderer restart
+
+/// SIGKILLs the renderer-worker and waits (bounded) until the frontend has linked the
+/// replacement the broker started.
+fn kill_renderer(fx: &mut Fx) {
+    let old = fx
+        .stack
+        .child_with_role(&Role::RendererWorker)
+        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", fx.stack.processes()));
+    fx.stack
+        .signal_process(&old, Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    fx.stack
+        .wait_for_log("new renderer-worker linked", WAIT)
+        .unwrap_or_else(|e| panic!("no new renderer linked: {e}"));
+}
+
+/// After a restart: the device serves, the dead renderer's context is gone (its next use
+/// is an error), the window is empty, and the stack is its four processes.
+#[track_caller]
+fn serves_after_restart(fx: &mut Fx) {
+    still_works(&mut fx.vmm, "a renderer restart");
+    expect(
+        "SUBMIT_3D to the dead renderer's context",
+        fx.vmm.gpu().submit_3d(CTX, &cross_domain::init(RING)),
+        resp::ERR_INVALID_CONTEXT_ID,
+    );
+    assert!(
+        fx.window.mappings().is_empty(),
+        "{:?}",
+        fx.window.mappings()
+    );
+    assert_eq!(fx.stack.processes().len(), 4, "{:#?}", fx.stack.processes());
+    no_violations(fx);
+}
+
+/// Renderer killed with a blob mapped: the VMM's mapping stays until the guest unmaps it,
+/// which then completes with the VMM's ack alone; the lost blob's unref is answered.
+#[test]
+fn renderer_killed_with_a_blob_mapped_the_guest_still_unmaps_and_unrefs_it() {
+    let mut fx = start();
+    let reqs = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &reqs);
+    kill_renderer(&mut fx);
+    assert_eq!(
+        fx.window.mappings().len(),
+        1,
+        "the guest's mapping must stay"
+    );
+    ok(
+        "RESOURCE_UNMAP_BLOB after the restart",
+        fx.vmm.gpu().resource_unmap_blob(1),
+    );
+    assert_eq!(unmaps_received(&fx), 1, "{}", fx.reqs.summary());
+    ok(
+        "RESOURCE_UNREF of the lost blob",
+        fx.vmm.gpu().resource_unref(1),
+    );
+    serves_after_restart(&mut fx);
+}
+
+/// Renderer killed while an unmap waits for the VMM's ack: the unmap completes once the
+/// ack comes (the renderer's part is moot), and the queue goes on.
+#[test]
+fn renderer_killed_during_an_unmap_the_unmap_completes_on_the_vmm_ack() {
+    let mut fx = start();
+    let reqs = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &reqs);
+    let gate = fx.reqs.delay_next(RequestKind::Unmap);
+    let unmap = fx
+        .vmm
+        .gpu()
+        .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
+        .expect("submit UNMAP_BLOB");
+    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
+    kill_renderer(&mut fx);
+    gate.release();
+    ok(
+        "UNMAP_BLOB in flight at the renderer's death",
+        fx.vmm.gpu().wait(unmap),
+    );
+    assert_eq!(unmaps_received(&fx), 1, "{}", fx.reqs.summary());
+    serves_after_restart(&mut fx);
+}
+
+/// Renderer killed while a map waits for the VMM's ack: the blob died with its renderer,
+/// so once the VMM has mapped it the map is answered with an error and undone by the
+/// device itself (blob_map.rs), and the guest's later unmap has nothing left to do.
+#[test]
+fn renderer_killed_during_a_map_the_map_fails_and_is_undone() {
+    let mut fx = start();
+    let _ = host_blob(&mut fx, 1, 64, 64);
+    let gate = fx.reqs.delay_next(RequestKind::Map);
+    let map = fx
+        .vmm
+        .gpu()
+        .submit(
+            &Command::ResourceMapBlob {
+                resource_id: 1,
+                offset: 0,
+            },
+            None,
+        )
+        .expect("submit MAP_BLOB");
+    let held = fx.reqs.wait_for(WAIT, |e| {
+        matches!(
+            e,
+            BackendEvent::Held {
+                kind: RequestKind::Map,
+                ..
+            }
+        )
+    });
+    assert!(held.is_some(), "no SHMEM_MAP held:\n{}", fx.reqs.summary());
+    kill_renderer(&mut fx);
+    gate.release();
+    expect(
+        "MAP_BLOB in flight at the renderer's death",
+        fx.vmm.gpu().wait(map),
+        resp::ERR_UNSPEC,
+    );
+    let undone = fx.reqs.wait_for(WAIT, |e| e.is_acked(RequestKind::Unmap));
+    assert!(
+        undone.is_some(),
+        "the device did not undo the map:\n{}",
+        fx.reqs.summary()
+    );
+    ok("RESOURCE_UNMAP_BLOB", fx.vmm.gpu().resource_unmap_blob(1));
+    assert_eq!(unmaps_received(&fx), 1, "{}", fx.reqs.summary());
+    serves_after_restart(&mut fx);
 }
