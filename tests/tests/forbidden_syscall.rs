@@ -83,14 +83,8 @@ fn run_with_hook(bin: &Path, which: &str, args: &[&str]) -> (Stack, vgpu_tests::
     (stack, renderer)
 }
 
-/// [`run_with_hook`] for the hook of `role` (its log line must show it reached the call);
-/// also returns the device-frontend as it was before.
-fn run_with_hook_in(
-    bin: &Path,
-    which: &str,
-    args: &[&str],
-    role: &Role,
-) -> (Stack, vgpu_tests::ProcessInfo, vgpu_tests::ProcessInfo) {
+/// Starts `bin` with `args` and `VGPU_SANDBOX_TEST_FORBIDDEN=which`.
+fn start_with_hook(bin: &Path, which: &str, args: &[&str]) -> Stack {
     let dir = tempfile::Builder::new()
         .prefix("vgpu-sandbox-test")
         .tempdir()
@@ -101,8 +95,19 @@ fn run_with_hook_in(
         .arg(&socket)
         .args(args)
         .env(TEST_FORBIDDEN_ENV, which);
-    let mut stack = Stack::start_command(cmd, dir, socket, true)
-        .unwrap_or_else(|e| panic!("starting {} {args:?}: {e}", bin.display()));
+    Stack::start_command(cmd, dir, socket, true)
+        .unwrap_or_else(|e| panic!("starting {} {args:?}: {e}", bin.display()))
+}
+
+/// [`run_with_hook`] for the hook of `role` (its log line must show it reached the call);
+/// also returns the device-frontend as it was before.
+fn run_with_hook_in(
+    bin: &Path,
+    which: &str,
+    args: &[&str],
+    role: &Role,
+) -> (Stack, vgpu_tests::ProcessInfo, vgpu_tests::ProcessInfo) {
+    let mut stack = start_with_hook(bin, which, args);
     let renderer = stack
         .child_with_role(&Role::RendererWorker)
         .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
@@ -237,18 +242,7 @@ fn trap_mode_names_execve() {
 /// the command is answered, and the device serves on through the new renderer.
 #[test]
 fn renderer_killed_by_sigsys_mid_command_is_replaced_and_the_device_serves_on() {
-    let bin = test_hooks_binary();
-    let dir = tempfile::Builder::new()
-        .prefix("vgpu-sandbox-test")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let socket = dir.path().join("vgpu.sock");
-    let mut cmd = Command::new(bin);
-    cmd.arg("--socket-path")
-        .arg(&socket)
-        .env(TEST_FORBIDDEN_ENV, "open");
-    let mut stack = Stack::start_command(cmd, dir, socket, true)
-        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    let mut stack = start_with_hook(test_hooks_binary(), "open", &[]);
     let renderer = stack
         .child_with_role(&Role::RendererWorker)
         .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));

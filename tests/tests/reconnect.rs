@@ -8,28 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_pixels, expect, image, ok, resource_with, wait_update_rect};
+use common::{assert_pixels, expect, fd_counts, image, ok, resource_with, wait_update_rect};
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::{Stack, TestVmm};
 
 /// Bound on each positive wait.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Descriptors each process of the stack holds, by pid.
-fn fd_counts(stack: &mut Stack) -> Vec<(i32, String, usize)> {
-    let mut counts: Vec<_> = stack
-        .processes()
-        .into_iter()
-        .map(|p| {
-            let n = std::fs::read_dir(format!("/proc/{}/fd", p.pid))
-                .map(|d| d.count())
-                .unwrap_or(usize::MAX);
-            (p.pid, format!("{:?}", p.role), n)
-        })
-        .collect();
-    counts.sort();
-    counts
-}
 
 /// One guest session: a fresh device (resource 1 does not exist yet), a frame drawn and
 /// checked pixel for pixel.

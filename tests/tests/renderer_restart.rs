@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{assert_pixels, image, ok, resource_with, still_works, wait_update_rect};
+use common::{assert_pixels, fd_counts, image, ok, resource_with, still_works, wait_update_rect};
 use nix::sys::signal::Signal;
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::stack::{ProcessInfo, Role};
@@ -21,22 +21,6 @@ use vgpu_tests::{Stack, TestVmm};
 const WAIT: Duration = Duration::from_secs(20);
 const W: u32 = 320;
 const H: u32 = 200;
-
-/// Descriptors each role holds (broker, frontend, renderer, spawner), by role.
-fn fd_counts(stack: &mut Stack) -> Vec<(String, usize)> {
-    let mut counts: Vec<_> = stack
-        .processes()
-        .into_iter()
-        .map(|p| {
-            let n = std::fs::read_dir(format!("/proc/{}/fd", p.pid))
-                .map(|d| d.count())
-                .unwrap_or(usize::MAX);
-            (p.role.to_string(), n)
-        })
-        .collect();
-    counts.sort();
-    counts
-}
 
 fn renderer(stack: &mut Stack) -> ProcessInfo {
     stack

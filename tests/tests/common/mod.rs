@@ -141,3 +141,19 @@ pub fn assert_pixels(got: &[u8], want: &[u8], width: u32, what: &str) {
         panic!("{what}: {d}");
     }
 }
+
+/// Descriptors each process of the stack holds, by role (one process per role), sorted.
+pub fn fd_counts(stack: &mut Stack) -> Vec<(String, usize)> {
+    let mut counts: Vec<_> = stack
+        .processes()
+        .into_iter()
+        .map(|p| {
+            let n = std::fs::read_dir(format!("/proc/{}/fd", p.pid))
+                .map(|d| d.count())
+                .unwrap_or(usize::MAX);
+            (p.role.to_string(), n)
+        })
+        .collect();
+    counts.sort();
+    counts
+}
