@@ -85,18 +85,31 @@ fn connect(stack: Stack) -> Fx {
     let window = vmm.hostmem().expect("hostmem window").clone();
     assert_eq!(window.size(), HOSTMEM);
 
+    let ring_addr = init_context(&mut vmm, CTX, RING);
+    Fx {
+        stack,
+        vmm,
+        reqs,
+        window,
+        ring_addr,
+    }
+}
+
+/// Creates cross-domain context `ctx` with its query ring (guest blob `ring`) and
+/// initialises it; returns the ring's guest address.
+fn init_context(vmm: &mut TestVmm, ctx: u32, ring: u32) -> u64 {
     let mem = vmm.memory().clone();
     let gpu = vmm.gpu();
     ok(
         "CTX_CREATE (cross-domain)",
-        gpu.ctx_create(CTX, capset::CROSS_DOMAIN, b"blobs-test"),
+        gpu.ctx_create(ctx, capset::CROSS_DOMAIN, b"blobs-test"),
     );
     let ring_addr = mem.alloc_aligned(PAGE, PAGE).expect("query ring page");
     ok(
         "RESOURCE_CREATE_BLOB (query ring, guest memory)",
         gpu.resource_create_blob(
-            CTX,
-            RING,
+            ctx,
+            ring,
             BlobParams::guest(PAGE, 0),
             &[MemEntry {
                 addr: ring_addr,
@@ -106,19 +119,13 @@ fn connect(stack: Stack) -> Fx {
     );
     ok(
         "CTX_ATTACH_RESOURCE (query ring)",
-        gpu.ctx_attach_resource(CTX, RING),
+        gpu.ctx_attach_resource(ctx, ring),
     );
     ok(
         "SUBMIT_3D cross-domain INIT",
-        gpu.submit_3d(CTX, &cross_domain::init(RING)),
+        gpu.submit_3d(ctx, &cross_domain::init(ring)),
     );
-    Fx {
-        stack,
-        vmm,
-        reqs,
-        window,
-        ring_addr,
-    }
+    ring_addr
 }
 
 /// Creates a mappable cross-domain (HOST3D) blob for a `w`x`h` XR24 image.
@@ -805,4 +812,157 @@ fn renderer_killed_during_a_map_the_map_fails_and_is_undone() {
     ok("RESOURCE_UNMAP_BLOB", fx.vmm.gpu().resource_unmap_blob(1));
     assert_eq!(unmaps_received(&fx), 1, "{}", fx.reqs.summary());
     serves_after_restart(&mut fx);
+}
+
+/// One map/unmap cycle of a fresh host blob `id` in context `ctx` (query ring at
+/// `ring_addr`), as a guest whose renderer may die at any moment runs it: every command
+/// must be answered (a timeout panics), whatever the answer. Returns whether the blob is
+/// still mapped at the end.
+fn cycle(vmm: &mut TestVmm, ctx: u32, ring_addr: u64, id: u32) -> bool {
+    let mem = vmm.memory().clone();
+    let gpu = vmm.gpu();
+    let answered = |what: &str, r: Result<vgpu_tests::gpu::Response, GpuError>| {
+        r.unwrap_or_else(|e| panic!("{what} of blob {id} was not answered: {e}"))
+    };
+    let query = cross_domain::get_image_requirements(64, 64, DRM_FORMAT_XRGB8888, 0);
+    if answered("SUBMIT_3D", gpu.submit_3d(ctx, &query)).kind != resp::OK_NODATA {
+        return false;
+    }
+    let Some(reqs) = mem
+        .read_vec(ring_addr, cross_domain::IMAGE_REQUIREMENTS_SIZE)
+        .ok()
+        .and_then(|a| ImageRequirements::parse(&a))
+    else {
+        return false;
+    };
+    let params = BlobParams {
+        blob_mem: blob::MEM_HOST3D,
+        blob_flags: blob::FLAG_MAPPABLE,
+        blob_id: u64::from(reqs.blob_id),
+        size: reqs.size,
+    };
+    if answered(
+        "CREATE_BLOB",
+        gpu.resource_create_blob(ctx, id, params, &[]),
+    )
+    .kind
+        != resp::OK_NODATA
+    {
+        return false;
+    }
+    let mut mapped = answered("MAP_BLOB", gpu.resource_map_blob(id, 0)).kind == resp::OK_MAP_INFO;
+    if mapped {
+        mapped = answered("UNMAP_BLOB", gpu.resource_unmap_blob(id)).kind != resp::OK_NODATA;
+    }
+    if !mapped {
+        answered("UNREF", gpu.resource_unref(id));
+    }
+    mapped
+}
+
+/// Ten times, the renderer is killed at another point of a stream of map/unmap cycles
+/// (each blob in whatever stage it is then): every command is answered, the guest unmaps
+/// whatever is left mapped, the window ends empty, and no descriptor piles up in the
+/// broker, the frontend or the spawner.
+#[test]
+fn renderer_killed_at_random_points_of_map_unmap_cycles_leaks_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    let stack = Stack::start(&["--hostmem", "64M", "--max-renderer-restarts", "20"])
+        .unwrap_or_else(|e| panic!("starting vgpu-sandbox: {e}"));
+    let mut fx = connect(stack);
+    let survivors = |counts: Vec<(String, usize)>| -> Vec<(String, usize)> {
+        counts
+            .into_iter()
+            .filter(|(role, _)| role != "renderer-worker")
+            .collect()
+    };
+    let baseline = survivors(common::fd_counts(&mut fx.stack));
+    let mut renderer_fds = None;
+    let mut next_id = 1000u32;
+    for round in 0..10u32 {
+        let (ctx, ring) = (10 + round, 500 + round);
+        let ring_addr = init_context(&mut fx.vmm, ctx, ring);
+        let stop = AtomicBool::new(false);
+        let cycles = AtomicU32::new(0);
+        let first_id = next_id;
+        let (vmm, stack) = (&mut fx.vmm, &mut fx.stack);
+        let (left_mapped, ids_used) = std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let mut left = Vec::new();
+                let mut id = first_id;
+                while !stop.load(Ordering::Relaxed) {
+                    if cycle(vmm, ctx, ring_addr, id) {
+                        left.push(id);
+                    }
+                    id += 1;
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                (left, id - first_id)
+            });
+            // A different moment each round: after 1 to 4 whole cycles, plus whatever
+            // part of the next one the kill lands in.
+            let deadline = std::time::Instant::now() + WAIT;
+            while cycles.load(Ordering::Relaxed) < round % 4 + 1 {
+                assert!(
+                    std::time::Instant::now() < deadline && !worker.is_finished(),
+                    "round {round}: the cycles stalled"
+                );
+                std::thread::yield_now();
+            }
+            let old = stack
+                .child_with_role(&Role::RendererWorker)
+                .unwrap_or_else(|| panic!("no single renderer-worker"));
+            stack
+                .signal_process(&old, Signal::SIGKILL)
+                .unwrap_or_else(|e| panic!("{e}"));
+            stack
+                .wait_for_log_count("new renderer-worker linked", round as usize + 1, WAIT)
+                .unwrap_or_else(|e| panic!("round {round}: no new renderer linked: {e}"));
+            stop.store(true, Ordering::Relaxed);
+            worker.join().expect("the guest's cycles panicked")
+        });
+        next_id += ids_used;
+        for id in left_mapped {
+            ok(
+                &format!("round {round}: UNMAP_BLOB {id} left mapped"),
+                fx.vmm.gpu().resource_unmap_blob(id),
+            );
+            ok(
+                &format!("round {round}: UNREF {id}"),
+                fx.vmm.gpu().resource_unref(id),
+            );
+        }
+        assert!(
+            fx.window.mappings().is_empty(),
+            "round {round}: still mapped: {:?}",
+            fx.window.mappings()
+        );
+        // The ring was a guest blob: rebuilt in the new renderer, so unref is plain.
+        ok(
+            &format!("round {round}: UNREF the query ring"),
+            fx.vmm.gpu().resource_unref(ring),
+        );
+        expect(
+            &format!("round {round}: CTX_DESTROY of a context lost with its renderer"),
+            fx.vmm.gpu().ctx_destroy(ctx),
+            resp::ERR_INVALID_CONTEXT_ID,
+        );
+        let counts = common::fd_counts(&mut fx.stack);
+        let renderer = counts
+            .iter()
+            .find(|(role, _)| role == "renderer-worker")
+            .map(|(_, n)| *n);
+        match renderer_fds {
+            None => renderer_fds = renderer,
+            Some(n) => assert_eq!(renderer, Some(n), "round {round}: renderer fds {counts:?}"),
+        }
+        assert_eq!(
+            survivors(counts),
+            baseline,
+            "round {round}: descriptors piled up"
+        );
+    }
+    still_works(&mut fx.vmm, "ten renderer restarts");
+    no_violations(&fx);
 }
