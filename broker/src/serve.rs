@@ -16,7 +16,7 @@ use protocol::lane::Lane;
 
 use crate::cli::ServeArgs;
 use crate::restart::{self, Restarter, StatusRx};
-use crate::spawn::{self, Launch};
+use crate::spawn::{self, Launch, Spawned};
 use crate::spawner::Spawner;
 use crate::supervise::{self, Managed};
 
@@ -74,55 +74,20 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     };
     let listener = spawn::lift_fd(listener).map_err(|e| format!("preparing the listener: {e}"))?;
 
-    // Started first, while the broker may still create processes: it starts every
-    // renderer-worker, the first one included (see spawner.rs).
-    let (spawner, spawner_child) = Spawner::start(args.log_level, args.seccomp.as_deref())?;
-    let mut spawner_m = Managed::new(crate::spawner::SPAWNER_ROLE, spawner_child);
-
-    let doorbell = match doorbell() {
-        Ok(fd) => fd,
-        Err(e) => {
-            supervise::stop_all(&sfd, &mut [&mut spawner_m]);
-            return Err(format!("creating the doorbell: {e}"));
-        }
-    };
-    let (renderer, lane_fe) = match restart::start_renderer(&spawner, &doorbell) {
-        Ok(started) => started,
-        Err(e) => {
-            supervise::stop_all(&sfd, &mut [&mut spawner_m]);
-            return Err(format!("starting the renderer-worker: {e}"));
-        }
-    };
-    let mut renderer_m = Managed::new(Role::Renderer.name(), renderer.child);
-    let frontend = (|| {
-        let lift = |fd| spawn::lift_fd(fd).map_err(|e| e.to_string());
-        let (broker_lane, fe_broker_lane) =
-            Lane::pair().map_err(|e| format!("creating the broker's lane: {e}"))?;
-        let (lane_fe, fe_broker_lane) = (lift(lane_fe)?, lift(fe_broker_lane)?);
-        let doorbell_fe = lift(doorbell.try_clone().map_err(|e| e.to_string())?)?;
-        let spawned = spawn::spawn::<ChildHello>(&Launch::role(
-            Role::Frontend,
-            &[
-                (&lane_fe, LANE_FD),
-                (&listener, LISTENER_FD),
-                (&doorbell_fe, DOORBELL_FD),
-                (&fe_broker_lane, BROKER_LANE_FD),
-            ],
-            args.log_level,
-            args.seccomp.as_deref(),
-        ))
-        .map_err(|e| e.to_string())?;
-        Ok::<_, String>((spawned, Lane::new(broker_lane)))
-    })();
-    let (frontend, broker_lane) = match frontend {
-        Ok(f) => f,
-        Err(e) => {
-            supervise::stop_all(&sfd, &mut [&mut renderer_m, &mut spawner_m]);
-            return Err(e);
-        }
-    };
+    // The first renderer and the frontend start at once, so that their execs, dynamic
+    // linking and set-up overlap; the spawner (for the renderers that replace a dead one,
+    // once the broker can no longer create processes) only after the device is ready, to
+    // keep it off the start-up's critical path.
+    let started = start_children(&args, &listener)?;
     // The frontend holds its own copy of the listener now.
     drop(listener);
+    let Started {
+        renderer,
+        frontend,
+        doorbell,
+        broker_lane,
+    } = started;
+    let mut renderer_m = Managed::new(Role::Renderer.name(), renderer.child);
     let mut frontend_m = Managed::new(Role::Frontend.name(), frontend.child);
     // One line per child: which protections it has, and which the host refused.
     for (m, namespaces) in [
@@ -140,25 +105,29 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let (fe_status, re_status, renewals) = match wired {
         Ok(s) => s,
         Err(e) => {
-            supervise::stop_all(
-                &sfd,
-                &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
-            );
+            supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
             return Err(e);
         }
     };
     for (status, role) in [(&fe_status, Role::Frontend), (&re_status, Role::Renderer)] {
         if let Err(e) = restart::wait_ready(status, role) {
-            supervise::stop_all(
-                &sfd,
-                &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
-            );
+            supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
             return Err(e);
         }
     }
     log::info!("ready: serving on {where_}");
     restart::spawn_status_logger(fe_status, Role::Frontend);
     restart::spawn_status_logger(re_status, Role::Renderer);
+    let spawner = Spawner::launch(args.log_level, args.seccomp.as_deref())
+        .and_then(|pending| pending.finish());
+    let (spawner, spawner_child) = match spawner {
+        Ok(s) => s,
+        Err(e) => {
+            supervise::stop_all(&sfd, &mut [&mut frontend_m, &mut renderer_m]);
+            return Err(format!("starting the spawner: {e}"));
+        }
+    };
+    let mut spawner_m = Managed::new(crate::spawner::SPAWNER_ROLE, spawner_child);
     // Set-up is over (children started and wired, every thread running): from here the
     // broker only supervises, and its own filter says so.
     if let Err(e) = jail_broker(args.seccomp.as_deref()) {
@@ -195,6 +164,63 @@ fn jail_broker(mode: Option<&str>) -> Result<(), String> {
     let caps = policy::drop_capabilities().map_err(|e| e.to_string())?;
     log::info!("broker: {caps}");
     policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())
+}
+
+/// The first renderer and the frontend, started and said hello, with what links them.
+struct Started {
+    renderer: Spawned,
+    frontend: Spawned,
+    /// The device's doorbell (every renderer shares it; the broker keeps it to ring).
+    doorbell: OwnedFd,
+    /// The broker's end of its descriptor lane to the frontend.
+    broker_lane: Lane,
+}
+
+/// Launches the first renderer and the frontend, then waits for both hellos.
+fn start_children(args: &ServeArgs, listener: &OwnedFd) -> Result<Started, String> {
+    let lift = |fd| spawn::lift_fd(fd).map_err(|e| e.to_string());
+    let doorbell = lift(doorbell().map_err(|e| format!("creating the doorbell: {e}"))?)?;
+    let (lane_fe, lane_re) =
+        Lane::pair().map_err(|e| format!("creating the descriptor lane: {e}"))?;
+    let (lane_fe, lane_re) = (lift(lane_fe)?, lift(lane_re)?);
+    let (broker_lane, fe_broker_lane) =
+        Lane::pair().map_err(|e| format!("creating the broker's lane: {e}"))?;
+    let fe_broker_lane = lift(fe_broker_lane)?;
+    let renderer = spawn::launch::<ChildHello>(&Launch::role(
+        Role::Renderer,
+        &[(&lane_re, LANE_FD), (&doorbell, DOORBELL_FD)],
+        args.log_level,
+        args.seccomp.as_deref(),
+    ))
+    .map_err(|e| e.to_string())?;
+    let frontend = spawn::launch::<ChildHello>(&Launch::role(
+        Role::Frontend,
+        &[
+            (&lane_fe, LANE_FD),
+            (listener, LISTENER_FD),
+            (&doorbell, DOORBELL_FD),
+            (&fe_broker_lane, BROKER_LANE_FD),
+        ],
+        args.log_level,
+        args.seccomp.as_deref(),
+    ))
+    .map_err(|e| e.to_string())?;
+    // A failure drops (and so kills) whichever is still pending; a renderer already
+    // waited for is killed here.
+    let mut renderer = renderer.wait().map_err(|e| e.to_string())?;
+    let frontend = match frontend.wait() {
+        Ok(f) => f,
+        Err(e) => {
+            spawn::kill_and_reap(&mut renderer.child);
+            return Err(e.to_string());
+        }
+    };
+    Ok(Started {
+        renderer,
+        frontend,
+        doorbell,
+        broker_lane: Lane::new(broker_lane),
+    })
 }
 
 /// Sends the renderer and the frontend their bootstraps; returns their status receivers

@@ -260,11 +260,12 @@ pub fn lift_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     )
 }
 
-/// Starts the child `launch` describes and waits (bounded) for its hello.
+/// Starts the child `launch` describes; its hello is awaited by [`Pending::wait`], so
+/// that several children can start at once.
 ///
 /// Call it from the thread that lives as long as the broker: the child's parent-death
 /// signal is tied to it.
-pub fn spawn<H: Hello>(launch: &Launch<'_>) -> Result<Spawned<H>, SpawnError> {
+pub fn launch<H: Hello>(launch: &Launch<'_>) -> Result<Pending<H>, SpawnError> {
     let name = launch.name;
     let io_err = |err| SpawnError::Io { role: name, err };
     let (server, server_name) = IpcOneShotServer::<H>::new().map_err(io_err)?;
@@ -346,65 +347,117 @@ pub fn spawn<H: Hello>(launch: &Launch<'_>) -> Result<Spawned<H>, SpawnError> {
         kill_and_reap(&mut child);
         return Err(io_err(e));
     }
-    let deadline = Instant::now() + HELLO_TIMEOUT;
-    let hello = loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok((_rx, hello))) => break hello,
-            Ok(Err(e)) => {
-                kill_and_reap(&mut child);
-                return Err(SpawnError::BadHello {
+    Ok(Pending {
+        name,
+        child: Some(child),
+        hello: rx,
+        deadline: Instant::now() + HELLO_TIMEOUT,
+        wanted: launch.namespaces,
+        refused: started.refused,
+    })
+}
+
+/// What a child's bootstrap server thread hands back: the hello, or why there is none.
+type HelloResult<H> = Result<(ipc_channel::ipc::IpcReceiver<H>, H), ipc_channel::IpcError>;
+
+/// A child started by [`launch`] that has not said hello yet. Killed (and, if this
+/// process's child, reaped) when dropped before [`Pending::wait`].
+pub struct Pending<H: Hello> {
+    name: &'static str,
+    child: Option<ChildProcess>,
+    hello: mpsc::Receiver<HelloResult<H>>,
+    deadline: Instant,
+    wanted: NamespaceSet,
+    refused: Vec<namespaces::Refusal>,
+}
+
+impl<H: Hello> Drop for Pending<H> {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill_and_reap(child);
+        }
+    }
+}
+
+/// Starts the child `launch` describes and waits (bounded) for its hello.
+///
+/// Call it from the thread that lives as long as the broker: the child's parent-death
+/// signal is tied to it.
+pub fn spawn<H: Hello>(launch: &Launch<'_>) -> Result<Spawned<H>, SpawnError> {
+    self::launch::<H>(launch)?.wait()
+}
+
+impl<H: Hello> Pending<H> {
+    /// Waits (bounded by [`HELLO_TIMEOUT`] from the launch) for the child's hello and
+    /// checks it.
+    pub fn wait(mut self) -> Result<Spawned<H>, SpawnError> {
+        let name = self.name;
+        let hello = loop {
+            let failure = match self.hello.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok((_rx, hello))) => break hello,
+                Ok(Err(e)) => SpawnError::BadHello {
                     role: name,
                     why: format!("{e:?}"),
-                });
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if child.has_exited() {
-                    let status = match child.try_wait() {
-                        Ok(Some(status)) => crate::supervise::describe(status),
-                        // A sibling: the broker reaps it and logs how it ended.
-                        _ => "it ended".into(),
+                },
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let Some(child) = self.child.as_mut() else {
+                        unreachable_child(name)
                     };
-                    return Err(SpawnError::DiedEarly { role: name, status });
+                    if child.has_exited() {
+                        let status = match child.try_wait() {
+                            Ok(Some(status)) => crate::supervise::describe(status),
+                            // A sibling: the broker reaps it and logs how it ended.
+                            _ => "it ended".into(),
+                        };
+                        SpawnError::DiedEarly { role: name, status }
+                    } else if Instant::now() >= self.deadline {
+                        SpawnError::Timeout {
+                            role: name,
+                            timeout: HELLO_TIMEOUT,
+                        }
+                    } else {
+                        continue;
+                    }
                 }
-                if Instant::now() >= deadline {
-                    kill_and_reap(&mut child);
-                    return Err(SpawnError::Timeout {
-                        role: name,
-                        timeout: HELLO_TIMEOUT,
-                    });
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                kill_and_reap(&mut child);
-                return Err(SpawnError::BadHello {
+                Err(mpsc::RecvTimeoutError::Disconnected) => SpawnError::BadHello {
                     role: name,
                     why: "bootstrap server thread ended".into(),
-                });
-            }
+                },
+            };
+            // Dropping `self` kills the child.
+            return Err(failure);
+        };
+        let Some(child) = self.child.take() else {
+            unreachable_child(name)
+        };
+        if !hello.is(name) || hello.pid() != child.id() {
+            self.child = Some(child);
+            return Err(SpawnError::BadHello {
+                role: name,
+                why: format!(
+                    "claims to be another role or pid {}, started as pid {}",
+                    hello.pid(),
+                    self.child.as_ref().map_or(0, ChildProcess::id)
+                ),
+            });
         }
-    };
-    if !hello.is(name) || hello.pid() != child.id() {
-        kill_and_reap(&mut child);
-        return Err(SpawnError::BadHello {
-            role: name,
-            why: format!(
-                "claims to be another role or pid {}, started as pid {}",
-                hello.pid(),
-                child.id()
-            ),
-        });
+        // Read from /proc rather than taken from the clone flags: what the child really has.
+        let namespaces = namespaces::describe(
+            namespaces::own_namespaces_of(child.id()),
+            self.wanted,
+            &self.refused,
+        );
+        Ok(Spawned {
+            child,
+            hello,
+            namespaces,
+        })
     }
-    // Read from /proc rather than taken from the clone flags: what the child really has.
-    let namespaces = namespaces::describe(
-        namespaces::own_namespaces_of(child.id()),
-        launch.namespaces,
-        &started.refused,
-    );
-    Ok(Spawned {
-        child,
-        hello,
-        namespaces,
-    })
+}
+
+/// `Pending::child` is only taken by `wait`, which consumes the value.
+fn unreachable_child(name: &str) -> ! {
+    unreachable!("the pending {name} has no child")
 }
 
 /// SIGKILL and wait; used on start-up failures where nothing is worth waiting for. (A

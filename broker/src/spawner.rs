@@ -9,7 +9,9 @@
 //! ("start a renderer with these two descriptors"), starts the renderer as the broker's
 //! child (`CLONE_PARENT`: the broker's supervision, reaping and parent-death signal stay as
 //! they are), and answers with the pid and the renderer's hello. Neither the guest nor the
-//! other children can reach it. See docs/renderer-restart.md.
+//! other children can reach it. The first renderer is started by the broker itself, at
+//! the same time as the frontend and the spawner (start-up time); every later one by the
+//! spawner. See docs/renderer-restart.md.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
@@ -83,33 +85,16 @@ pub struct StartedRenderer {
     pub namespaces: String,
 }
 
-/// The broker's handle on the spawner.
-pub struct Spawner {
-    requests: IpcSender<SpawnRequest>,
-    replies: IpcReceiver<SpawnReply>,
-    lane: Lane,
+/// A spawner started by [`Spawner::launch`], not yet wired.
+pub struct PendingSpawner {
+    pending: spawn::Pending<SpawnerHello>,
+    lane: OwnedFd,
 }
 
-impl Spawner {
-    /// Starts the spawner (before the broker jails itself). It gets no namespaces of its
-    /// own: it must be able to give its renderers theirs, and as init of a pid namespace
-    /// it could not use `CLONE_PARENT`.
-    pub fn start(
-        log_level: log::LevelFilter,
-        seccomp: Option<&str>,
-    ) -> Result<(Spawner, ChildProcess), String> {
-        let (lane, theirs) =
-            Lane::pair().map_err(|e| format!("creating the spawner's lane: {e}"))?;
-        let theirs = spawn::lift_fd(theirs).map_err(|e| e.to_string())?;
-        let spawned = spawn::spawn::<SpawnerHello>(&Launch {
-            name: SPAWNER_ROLE,
-            fds: &[(&theirs, LANE_FD)],
-            log_level,
-            seccomp,
-            namespaces: NamespaceSet::NONE,
-            sibling: false,
-        })
-        .map_err(|e| e.to_string())?;
+impl PendingSpawner {
+    /// Waits (bounded) for the spawner's hello and gives it its channels.
+    pub fn finish(self) -> Result<(Spawner, ChildProcess), String> {
+        let spawned = self.pending.wait().map_err(|e| e.to_string())?;
         let mut child = spawned.child;
         let wired = (|| {
             let (requests, their_requests) = ipc::channel()?;
@@ -129,7 +114,7 @@ impl Spawner {
                 Spawner {
                     requests,
                     replies,
-                    lane: Lane::new(lane),
+                    lane: Lane::new(self.lane),
                 },
                 child,
             )),
@@ -138,6 +123,37 @@ impl Spawner {
                 Err(format!("wiring the spawner: {e}"))
             }
         }
+    }
+}
+
+/// The broker's handle on the spawner.
+pub struct Spawner {
+    requests: IpcSender<SpawnRequest>,
+    replies: IpcReceiver<SpawnReply>,
+    lane: Lane,
+}
+
+impl Spawner {
+    /// Starts the spawner (before the broker jails itself); [`PendingSpawner::finish`]
+    /// waits for it. It gets no namespaces of its own: it must be able to give its
+    /// renderers theirs, and as init of a pid namespace it could not use `CLONE_PARENT`.
+    pub fn launch(
+        log_level: log::LevelFilter,
+        seccomp: Option<&str>,
+    ) -> Result<PendingSpawner, String> {
+        let (lane, theirs) =
+            Lane::pair().map_err(|e| format!("creating the spawner's lane: {e}"))?;
+        let theirs = spawn::lift_fd(theirs).map_err(|e| e.to_string())?;
+        let pending = spawn::launch::<SpawnerHello>(&Launch {
+            name: SPAWNER_ROLE,
+            fds: &[(&theirs, LANE_FD)],
+            log_level,
+            seccomp,
+            namespaces: NamespaceSet::NONE,
+            sibling: false,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(PendingSpawner { pending, lane })
     }
 
     /// Asks for a renderer-worker holding `lane_end` and `doorbell`, and waits (bounded)
