@@ -18,6 +18,10 @@ use crate::vmm::{TestVmm, VmmError, VmmOptions};
 pub const BIN_ENV: &str = "VGPU_SANDBOX_BIN";
 /// The line the broker prints once both children are up.
 pub const READY_LINE: &str = "ready: serving on";
+/// The broker's last set-up line: after the ready line it starts the spawner, then jails
+/// itself. Until then a process list may show the spawner half-started (forked, not yet
+/// executed), under the broker's command line.
+pub const SETTLED_LINE: &str = "broker: seccomp filter installed";
 /// Default bound on start-up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -310,6 +314,8 @@ pub struct Stack {
     log: Arc<Log>,
     known: Vec<ProcessInfo>,
     status: Option<ExitStatus>,
+    /// The broker's set-up is over ([`SETTLED_LINE`]), or it never will be.
+    settled: bool,
 }
 
 impl Stack {
@@ -377,9 +383,10 @@ impl Stack {
             log,
             known: Vec::new(),
             status: None,
+            settled: false,
         };
         stack.wait_for_log(READY_LINE, START_TIMEOUT)?;
-        stack.known = stack.processes();
+        stack.known = stack.scan();
         Ok(stack)
     }
 
@@ -403,8 +410,18 @@ impl Stack {
         TestVmm::connect_with(&self.socket, opts)
     }
 
-    /// The broker and its live children, with roles (children from /proc, ppid == broker).
+    /// The broker and its live children, with roles (children from /proc, ppid == broker),
+    /// once the broker has finished its set-up (bounded wait; at once if it has exited).
     pub fn processes(&mut self) -> Vec<ProcessInfo> {
+        if !self.settled {
+            // An Err means it exited or never settles; the list says what there is.
+            let _ = self.wait_for_log(SETTLED_LINE, START_TIMEOUT);
+            self.settled = true;
+        }
+        self.scan()
+    }
+
+    fn scan(&mut self) -> Vec<ProcessInfo> {
         let mut out = Vec::new();
         if let Some((state, ppid, starttime)) = read_stat(self.pid) {
             out.push(ProcessInfo {

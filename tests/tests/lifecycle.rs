@@ -26,10 +26,6 @@ fn assert_nothing_left(stack: &mut Stack) {
 #[test]
 fn four_processes_each_role_once_children_of_the_broker() {
     let mut stack = Stack::start(&[]).unwrap_or_else(|e| panic!("{e}"));
-    // The spawner comes last, once the device is ready.
-    stack
-        .wait_for_log(common::BROKER_SETTLED, EXIT)
-        .unwrap_or_else(|e| panic!("{e}"));
     let procs = stack.processes();
     let broker = stack.pid();
     let count = |r: &Role| procs.iter().filter(|p| &p.role == r).count();

@@ -142,16 +142,8 @@ pub fn assert_pixels(got: &[u8], want: &[u8], width: u32, what: &str) {
     }
 }
 
-/// The broker's last set-up step: it starts the spawner after the device is ready, then
-/// jails itself.
-pub const BROKER_SETTLED: &str = "broker: seccomp filter installed";
-
-/// Descriptors each process of the stack holds, by role (one process per role), sorted;
-/// counted once the broker has settled (all four processes there).
+/// Descriptors each process of the stack holds, by role (one process per role), sorted.
 pub fn fd_counts(stack: &mut Stack) -> Vec<(String, usize)> {
-    stack
-        .wait_for_log(BROKER_SETTLED, WAIT)
-        .unwrap_or_else(|e| panic!("the broker did not finish its set-up: {e}"));
     let mut counts: Vec<_> = stack
         .processes()
         .into_iter()
