@@ -34,7 +34,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logger::init(role.name(), level);
+    logger::init(role.name(), &logger::name_from_env(), level);
     match bootstrap(role, server) {
         Ok(boot) => {
             let result = match boot {

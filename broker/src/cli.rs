@@ -86,9 +86,19 @@ pub struct ServeArgs {
     /// death stops the device. 0: a renderer death stops the device.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub max_renderer_restarts: u32,
+    /// Write the device's metrics to this file every 2 seconds, in Prometheus' text format
+    /// (for node_exporter's textfile collector; replaced atomically). Its directory must
+    /// exist and be writable.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = crate::logger::parse_level)]
     pub log_level: LevelFilter,
+    /// The VM's name, on every log line of every process (1..=64 of A-Z a-z 0-9 . _ -).
+    /// Default: from the socket: /run/vgpu-sandbox/vm1/vgpu.sock gives vm1, /run/vm1.sock
+    /// gives vm1, --fd 3 gives fd-3.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
 }
 
 /// Subcommands.
@@ -356,6 +366,57 @@ pub fn gen_assets(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest `--name`.
+const MAX_NAME: usize = 64;
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// `--name NAME`: it lands inside every log line's prefix, so nothing that could break
+/// the line apart or pass for another field there (spaces, brackets, control characters).
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_NAME || !s.chars().all(name_char) {
+        let shown: String = s.chars().flat_map(char::escape_default).take(80).collect();
+        return Err(format!(
+            "'{shown}': a name is 1..={MAX_NAME} characters of A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+impl ServeArgs {
+    /// The VM's name: `--name`, else derived from where the VMM connects. Every instance
+    /// of the systemd unit listens on `<instance>/vgpu.sock`, so that generic file name
+    /// says nothing and its directory names the VM. A derived name is made valid rather
+    /// than refused: an odd socket path was never an error.
+    pub fn vm_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let derived = match (&self.socket_path, self.fd) {
+            (Some(path), _) if path.file_name() == Some("vgpu.sock".as_ref()) => path
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|d| d.to_string_lossy().into_owned()),
+            (Some(path), _) => path.file_stem().map(|s| s.to_string_lossy().into_owned()),
+            (None, Some(fd)) => Some(format!("fd-{fd}")),
+            (None, None) => None,
+        };
+        let name: String = derived
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if name_char(c) { c } else { '_' })
+            .take(MAX_NAME)
+            .collect();
+        if name.is_empty() {
+            "vgpu-sandbox".into()
+        } else {
+            name
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +548,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&capabilities_json()).unwrap();
         assert_eq!(v["type"], "gpu");
         assert!(v["features"].is_array());
+    }
+
+    #[test]
+    fn vm_name_from_option_or_socket() {
+        let name = |args: &[&str]| {
+            let mut argv = vec!["vgpu-sandbox"];
+            argv.extend(args);
+            Cli::try_parse_from(argv).map(|c| c.serve.vm_name())
+        };
+        let cases: [(&[&str], &str); 7] = [
+            (&["--socket-path", "/run/vgpu-sandbox/vm1/vgpu.sock"], "vm1"),
+            (&["--socket-path", "/run/vgpu/vm2.sock"], "vm2"),
+            (&["--socket-path", "/tmp/my vm [1].sock"], "my_vm__1_"),
+            (&["--socket-path", "vgpu.sock"], "vgpu-sandbox"),
+            (&["--fd", "3"], "fd-3"),
+            (&["--fd", "3", "--name", "db.prod_2"], "db.prod_2"),
+            (&[], "vgpu-sandbox"),
+        ];
+        for (args, want) in cases {
+            assert_eq!(name(args).unwrap(), want, "{args:?}");
+        }
+        let long = "a".repeat(65);
+        for bad in ["", "a b", "vm[1]", "x\ny", "ü", long.as_str()] {
+            let err = name(&["--name", bad]).expect_err(bad).to_string();
+            assert!(err.contains("1..=64 characters"), "{err}");
+        }
+        assert_eq!(name(&["--name", &long[..64]]).unwrap(), &long[..64]);
     }
 }

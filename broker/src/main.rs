@@ -7,6 +7,7 @@ mod check_host;
 mod child;
 mod cli;
 mod logger;
+mod metrics;
 mod restart;
 mod serve;
 mod spawn;
@@ -82,7 +83,11 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(cli::Sub::Demo(args)) = cli.command {
-        logger::init("broker", cli.serve.log_level);
+        logger::init(
+            "broker",
+            cli.serve.name.as_deref().unwrap_or("demo"),
+            cli.serve.log_level,
+        );
         let bin = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;
         let opts = vgpu_tests::DemoOptions {
             frames: args.frames,

@@ -6,6 +6,8 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{self, IpcReceiver, IpcSender};
@@ -16,6 +18,7 @@ use protocol::config::DeviceConfig;
 use protocol::ipc::{RendererEvent, RendererRequest};
 use protocol::lane::Lane;
 
+use crate::metrics::MetricsFile;
 use crate::spawn::{self, ChildProcess};
 use crate::spawner::{Spawner, StartedRenderer};
 
@@ -78,7 +81,14 @@ pub fn wire_renderer(
 
 /// Waits (bounded) for a child's `Ready`.
 pub fn wait_ready(status: &StatusRx, role: Role) -> Result<(), String> {
-    match status.try_recv_timeout(READY_TIMEOUT) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut next = status.try_recv_timeout(READY_TIMEOUT);
+    // The frontend's metrics timer is armed before its jail, so on a slow host a first
+    // snapshot may overtake `Ready`; it is only counters, and the next one comes soon.
+    while let Ok(ChildStatus::Metrics(_)) = next {
+        next = status.try_recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+    match next {
         Ok(ChildStatus::Ready) => Ok(()),
         Ok(other) => Err(format!(
             "the {} reported {other:?} before being ready",
@@ -95,13 +105,19 @@ pub fn wait_ready(status: &StatusRx, role: Role) -> Result<(), String> {
     }
 }
 
-/// Logs a child's later status reports (at debug level).
-pub fn spawn_status_logger(rx: StatusRx, role: Role) {
+/// Logs a child's later status reports (at debug level); with `metrics`, writes the
+/// frontend's metrics snapshots to the metrics file. Writing here, on the thread that
+/// receives them, keeps the supervisor loop free of file I/O and needs no hand-over.
+pub fn spawn_status_logger(rx: StatusRx, role: Role, metrics: Option<Arc<MetricsFile>>) {
     let _ = std::thread::Builder::new()
         .name(format!("status-{}", role.name()))
         .spawn(move || {
             while let Ok(s) = rx.recv() {
-                log::debug!("{} reports {s:?}", role.name());
+                match (s, &metrics) {
+                    (ChildStatus::Metrics(snapshot), Some(file)) => file.update(*snapshot),
+                    (ChildStatus::Metrics(_), None) => {}
+                    (s, _) => log::debug!("{} reports {s:?}", role.name()),
+                }
             }
         });
 }
@@ -119,6 +135,8 @@ pub struct Restarter {
     /// Restarts allowed within [`RESTART_WINDOW`].
     limit: u32,
     recent: VecDeque<Instant>,
+    /// Successful restarts so far, for the metrics.
+    restarts: Arc<AtomicU64>,
 }
 
 impl Restarter {
@@ -130,6 +148,7 @@ impl Restarter {
         renewals: IpcSender<RendererLinkRenewal>,
         config: DeviceConfig,
         limit: u32,
+        restarts: Arc<AtomicU64>,
     ) -> Self {
         Restarter {
             spawner,
@@ -139,6 +158,7 @@ impl Restarter {
             config,
             limit,
             recent: VecDeque::new(),
+            restarts,
         }
     }
 
@@ -175,6 +195,7 @@ impl Restarter {
         } = started;
         match self.link(&hello.bootstrap, &frontend_end) {
             Ok(()) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
                 log::info!("started renderer-worker (pid {}): {namespaces}", child.id());
                 Ok((child, self.recent.len()))
             }
@@ -208,7 +229,7 @@ impl Restarter {
         // the renewal.
         nix::unistd::write(&self.doorbell, &1u64.to_ne_bytes())
             .map_err(|e| format!("ringing the frontend: {e}"))?;
-        spawn_status_logger(ends.status, Role::Renderer);
+        spawn_status_logger(ends.status, Role::Renderer, None);
         Ok(())
     }
 }

@@ -5,6 +5,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use ipc_channel::ipc;
 use nix::sys::socket::{getsockopt, sockopt};
@@ -15,10 +17,23 @@ use protocol::bootstrap::{
 use protocol::lane::Lane;
 
 use crate::cli::ServeArgs;
+use crate::metrics;
 use crate::restart::{self, Restarter, StatusRx};
 use crate::spawn::{self, Launch, Spawned};
 use crate::spawner::Spawner;
 use crate::supervise::{self, Managed};
+
+/// Removes the metrics file when the broker ends: a VM that is gone should not be
+/// exported by node_exporter any longer.
+struct MetricsGuard(Option<Arc<metrics::MetricsFile>>);
+
+impl Drop for MetricsGuard {
+    fn drop(&mut self) {
+        if let Some(file) = self.0.take() {
+            file.remove();
+        }
+    }
+}
 
 /// Removes the socket file we created when the broker ends.
 struct SocketFile(Option<PathBuf>);
@@ -34,7 +49,7 @@ impl Drop for SocketFile {
 pub fn serve(args: ServeArgs) -> Result<i32, String> {
     // Before any thread exists, so every thread inherits the blocked mask.
     let sfd = supervise::signal_fd().map_err(|e| format!("setting up signal handling: {e}"))?;
-    crate::logger::init("broker", args.log_level);
+    crate::logger::init("broker", &args.vm_name(), args.log_level);
 
     // Fails early, in one line, where --virgl cannot work.
     let virgl_capsets = if args.virgl {
@@ -51,6 +66,18 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     if let Some(n) = virgl_capsets {
         config.num_capsets = n;
     }
+    // Before anything starts, so a bad path is one line and nothing to clean up.
+    let restarts = Arc::new(AtomicU64::new(0));
+    let metrics = match &args.metrics_file {
+        Some(path) => Some(metrics::MetricsFile::create(
+            path,
+            &args.vm_name(),
+            config.limits.max_resource_bytes,
+            restarts.clone(),
+        )?),
+        None => None,
+    };
+    let _metrics_file = MetricsGuard(metrics.clone());
     if let Some(mode) = args.seccomp.as_deref().filter(|m| *m != "kill") {
         log::warn!(
             "--seccomp {mode}: violations do not kill the children; for debugging a policy only"
@@ -99,6 +126,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
 
     let wired = wire(
         config.clone(),
+        metrics.as_ref().map(|_| metrics::PERIOD),
         frontend.hello.bootstrap,
         &renderer.hello.bootstrap,
     );
@@ -116,8 +144,8 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         }
     }
     log::info!("ready: serving on {where_}");
-    restart::spawn_status_logger(fe_status, Role::Frontend);
-    restart::spawn_status_logger(re_status, Role::Renderer);
+    restart::spawn_status_logger(fe_status, Role::Frontend, metrics.clone());
+    restart::spawn_status_logger(re_status, Role::Renderer, None);
     let spawner = Spawner::launch(args.log_level, args.seccomp.as_deref())
         .and_then(|pending| pending.finish());
     let (spawner, spawner_child) = match spawner {
@@ -130,7 +158,8 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let mut spawner_m = Managed::new(crate::spawner::SPAWNER_ROLE, spawner_child);
     // Set-up is over (children started and wired, every thread running): from here the
     // broker only supervises, and its own filter says so.
-    if let Err(e) = jail_broker(args.seccomp.as_deref()) {
+    let metrics_dir = metrics.as_ref().map(|m| m.dir_fd());
+    if let Err(e) = jail_broker(args.seccomp.as_deref(), metrics_dir) {
         supervise::stop_all(
             &sfd,
             &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
@@ -144,6 +173,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         renewals,
         config,
         args.max_renderer_restarts,
+        restarts,
     );
     let mut children = supervise::Children {
         frontend: frontend_m,
@@ -153,8 +183,9 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     Ok(supervise::supervise(&sfd, &mut children, &mut restarter))
 }
 
-/// The broker's own seccomp filter (role "broker"), with the children's violation action.
-fn jail_broker(mode: Option<&str>) -> Result<(), String> {
+/// The broker's own seccomp filter (role "broker"), with the children's violation action;
+/// with `metrics_dir` (the metrics file's directory, open for good) it may write there.
+fn jail_broker(mode: Option<&str>, metrics_dir: Option<i32>) -> Result<(), String> {
     let action = policy::ViolationAction::parse(mode).map_err(|e| e.to_string())?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
     // The children's namespaces were the last thing that needed a capability (where no
@@ -163,7 +194,11 @@ fn jail_broker(mode: Option<&str>) -> Result<(), String> {
     // none.
     let caps = policy::drop_capabilities().map_err(|e| e.to_string())?;
     log::info!("broker: {caps}");
-    policy::install_seccomp(Role::Broker, action).map_err(|e| e.to_string())
+    let filter = match metrics_dir {
+        Some(dir_fd) => policy::Filter::BrokerMetrics { dir_fd },
+        None => policy::Filter::Broker,
+    };
+    policy::install_seccomp(filter, action).map_err(|e| e.to_string())
 }
 
 /// The first renderer and the frontend, started and said hello, with what links them.
@@ -227,6 +262,7 @@ fn start_children(args: &ServeArgs, listener: &OwnedFd) -> Result<Started, Strin
 /// and the sender of the frontend's link renewals.
 fn wire(
     config: protocol::config::DeviceConfig,
+    metrics_period: Option<std::time::Duration>,
     to_frontend: ipc::IpcSender<ChildBootstrap>,
     to_renderer: &ipc::IpcSender<ChildBootstrap>,
 ) -> Result<(StatusRx, StatusRx, ipc::IpcSender<RendererLinkRenewal>), String> {
@@ -245,6 +281,7 @@ fn wire(
             doorbell_fd: DOORBELL_FD,
             renewals: renewals_rx,
             broker_lane_fd: BROKER_LANE_FD,
+            metrics_period,
         }))
         .map_err(|e| format!("sending the device-frontend its bootstrap: {e}"))?;
     Ok((fe_status_rx, renderer.status, renewals_tx))

@@ -20,7 +20,7 @@ use protocol::bootstrap::{ChildHello, Role, BOOTSTRAP_FLAG, ROLE_FLAG};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::logger::LOG_ENV;
+use crate::logger::{LOG_ENV, NAME_ENV};
 
 /// How long a child may take from exec to its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -292,7 +292,8 @@ pub fn launch<H: Hello>(launch: &Launch<'_>) -> Result<Pending<H>, SpawnError> {
     .collect::<Result<Vec<_>, _>>()?;
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        if key == LOG_ENV || key == policy::SECCOMP_ENV {
+        // RUST_LOG is not among them: the children apply it as the broker does.
+        if key == LOG_ENV || key == NAME_ENV || key == policy::SECCOMP_ENV {
             continue;
         }
         let mut entry = key;
@@ -303,6 +304,12 @@ pub fn launch<H: Hello>(launch: &Launch<'_>) -> Result<Pending<H>, SpawnError> {
     env.push(cstring(
         format!("{LOG_ENV}={}", launch.log_level).into_bytes(),
     )?);
+    // The spawner passes on what the broker gave it, so renderers started later log
+    // under the same name.
+    let vm_name = crate::logger::name()
+        .map(str::to_owned)
+        .unwrap_or_else(crate::logger::name_from_env);
+    env.push(cstring(format!("{NAME_ENV}={vm_name}").into_bytes())?);
     if let Some(mode) = launch.seccomp {
         env.push(cstring(
             format!("{}={mode}", policy::SECCOMP_ENV).into_bytes(),

@@ -197,7 +197,7 @@ pub fn main(server: String) -> ExitCode {
         .ok()
         .and_then(|l| logger::parse_level(&l).ok())
         .unwrap_or(log::LevelFilter::Info);
-    logger::init(SPAWNER_ROLE, level);
+    logger::init(SPAWNER_ROLE, &logger::name_from_env(), level);
     let seccomp = std::env::var(policy::SECCOMP_ENV).ok();
     let boot = match bootstrap(server) {
         Ok(boot) => boot,

@@ -28,7 +28,8 @@ use protocol::virtio_gpu::{
 use crate::backend_channel::BackendChannel;
 use crate::config_space::ConfigSpace;
 use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
-use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, RENDERER_EVENT};
+use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, METRICS_EVENT, RENDERER_EVENT};
+use crate::metrics::Reporter;
 use crate::vmm_requests::{VmmRequests, HOSTMEM_SHMID};
 use crate::EXIT_RENDERER_GONE;
 
@@ -68,6 +69,8 @@ struct Inner {
     /// once their daemon is gone (`tests/tests/reconnect.rs` counts every descriptor, so a
     /// library that starts closing them itself shows up as a count below the baseline).
     handed_out: Mutex<Vec<std::os::fd::RawFd>>,
+    /// The metrics timer and sender (`--metrics-file`); used only on the vring worker.
+    metrics: Mutex<Option<Reporter>>,
 }
 
 impl GpuDevice {
@@ -113,6 +116,7 @@ impl GpuDevice {
                 hostmem: config.hostmem,
                 exit: Mutex::new(exit),
                 handed_out: Mutex::new(Vec::new()),
+                metrics: Mutex::new(None),
             }),
         })
     }
@@ -167,6 +171,18 @@ impl GpuDevice {
         let (done, finished) = crossbeam_channel::bounded(1);
         self.send(Input::Disconnected { done });
         finished.recv_timeout(timeout).is_ok()
+    }
+
+    /// Reports metrics through `reporter` from now on; returns its timer's fd, which each
+    /// daemon's epoll loop must watch (as [`METRICS_EVENT`]).
+    pub fn set_metrics(&self, reporter: Reporter) -> io::Result<std::os::fd::RawFd> {
+        let fd = reporter.timer_fd();
+        *self
+            .inner
+            .metrics
+            .lock()
+            .map_err(|_| io::Error::other("metrics lock poisoned"))? = Some(reporter);
+        Ok(fd)
     }
 
     /// Runs `f` on the control actor; used once the vring worker is gone (statistics).
@@ -337,6 +353,18 @@ impl VhostUserBackend for GpuDevice {
                 .try_for_each(|input| control.handle(input))
         } else if device_event == RENDERER_EVENT {
             control.renderer_events()
+        } else if device_event == METRICS_EVENT {
+            if let Some(reporter) = self
+                .inner
+                .metrics
+                .lock()
+                .ok()
+                .as_mut()
+                .and_then(|m| m.as_mut())
+            {
+                reporter.tick(&control);
+            }
+            Ok(())
         } else {
             match vrings.get(device_event as usize) {
                 Some(vring) => control.kick(device_event, vring.clone()),

@@ -101,6 +101,14 @@ impl Control {
         self.blobs.vmm = None;
     }
 
+    /// Live blobs, and those holding a range of the host-visible window (for the
+    /// metrics).
+    pub(crate) fn blob_counts(&self) -> (usize, usize) {
+        let slots = &self.blobs.slots;
+        let mapped = slots.values().filter(|s| s.state.range().is_some()).count();
+        (slots.len(), mapped)
+    }
+
     /// Whether the control queue must take nothing new (a command is suspended on a blob,
     /// or a reset waits for unmaps).
     pub(crate) fn control_blocked(&self) -> bool {

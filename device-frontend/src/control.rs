@@ -132,6 +132,11 @@ pub(crate) struct Entry {
     pub(crate) fence_done: bool,
     /// Suspended on a blob's mapping state machine (map answer or unmap completion).
     pub(crate) waiting_on: Option<crate::blobs::Wait>,
+    /// When a MAP_BLOB or UNMAP_BLOB arrived, for the latency histograms (other commands
+    /// do not pay for reading the clock).
+    arrived: Option<std::time::Instant>,
+    /// What a TRANSFER_TO_HOST_2D copies, counted once it is answered without error.
+    transfer_bytes: u64,
 }
 
 impl Entry {
@@ -223,7 +228,8 @@ fn test_forbidden_from_env() -> Option<protocol::ipc::ForbiddenSyscall> {
 #[cfg(feature = "test-hooks")]
 const FRONTEND_OPEN_HOOK: &str = "frontend-open-render-node";
 
-/// Counters for the log at shutdown.
+/// Counters for the log at shutdown and the metrics (`crate::metrics`): fixed arrays
+/// and plain integers, bumped by the single-threaded actor with no allocation or lock.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Commands answered.
@@ -234,6 +240,18 @@ pub struct Stats {
     pub updates: u64,
     /// Pixel bytes sent in UPDATEs.
     pub update_bytes: u64,
+    /// Commands answered, by `protocol::metrics::command_index`.
+    pub by_type: [u64; protocol::metrics::COMMAND_KINDS],
+    /// Error answers, by `protocol::metrics::error_index`.
+    pub by_error: [u64; protocol::metrics::ERROR_KINDS],
+    /// Fenced commands answered.
+    pub fences: u64,
+    /// TRANSFER_TO_HOST_2D payload bytes.
+    pub transfer_bytes: u64,
+    /// MAP_BLOB arrival to successful answer.
+    pub map_latency: protocol::metrics::Histogram,
+    /// UNMAP_BLOB arrival to successful answer.
+    pub unmap_latency: protocol::metrics::Histogram,
 }
 
 impl Control {
@@ -579,6 +597,8 @@ impl Control {
             fence: None,
             fence_done: false,
             waiting_on: None,
+            arrived: None,
+            transfer_bytes: 0,
         });
         let queue = if q == CONTROL_QUEUE as usize {
             Queue::Control
@@ -596,6 +616,7 @@ impl Control {
                 match decoded {
                     Ok(req) => {
                         self.set_current_hdr(q, id, Some(req.hdr));
+                        self.note_for_metrics(q, id, &req);
                         self.current = Some((q, id));
                         let r = self.execute(req);
                         self.current = None;
@@ -636,6 +657,55 @@ impl Control {
 
     pub(crate) fn entry_mut(&mut self, q: usize, id: u64) -> Option<&mut Entry> {
         self.fifos[q].iter_mut().rev().find(|e| e.id == id)
+    }
+
+    /// What the metrics need of a command at its arrival: the clock for the two timed
+    /// commands, the payload of a 2D transfer.
+    fn note_for_metrics(&mut self, q: usize, id: u64, req: &protocol::virtio_gpu::Request) {
+        use protocol::virtio_gpu::Command;
+        let (arrived, transfer_bytes) = match &req.cmd {
+            Command::ResourceMapBlob { .. } | Command::ResourceUnmapBlob { .. } => {
+                (Some(std::time::Instant::now()), 0)
+            }
+            Command::TransferToHost2d { rect, .. } => (
+                None,
+                u64::from(rect.width) * u64::from(rect.height) * crate::resources::BYTES_PER_PIXEL,
+            ),
+            _ => return,
+        };
+        if let Some(e) = self.entry_mut(q, id) {
+            e.arrived = arrived;
+            e.transfer_bytes = transfer_bytes;
+        }
+    }
+
+    /// Counts an answered command.
+    fn count_answer(&mut self, entry: &Entry) {
+        use protocol::metrics::{command_index, error_index};
+        use protocol::virtio_gpu::{
+            VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB, VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+        };
+        let s = &mut self.stats;
+        s.commands += 1;
+        let type_ = entry.hdr.as_ref().map_or(0, |h| h.type_);
+        s.by_type[command_index(type_)] += 1;
+        if entry.fence.is_some() {
+            s.fences += 1;
+        }
+        if let Response::Err(code) = entry.response {
+            s.errors += 1;
+            s.by_error[error_index(code)] += 1;
+            return;
+        }
+        s.transfer_bytes += entry.transfer_bytes;
+        if let Some(arrived) = entry.arrived {
+            let histogram = match type_ {
+                VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => &mut s.map_latency,
+                VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => &mut s.unmap_latency,
+                _ => return,
+            };
+            histogram.observe(arrived.elapsed());
+        }
     }
 
     fn set_current_hdr(&mut self, q: usize, id: u64, hdr: Option<CtrlHeader>) {
@@ -716,10 +786,7 @@ impl Control {
             let Some(entry) = self.fifos[q].pop_front() else {
                 break;
             };
-            self.stats.commands += 1;
-            if matches!(entry.response, Response::Err(_)) {
-                self.stats.errors += 1;
-            }
+            self.count_answer(&entry);
             let bytes = encode_response(entry.hdr.as_ref(), &entry.response);
             let written = write_response(&entry.chain, &bytes);
             if let Err(e) = vring.add_used(entry.chain.head_index(), written) {

@@ -16,6 +16,7 @@ pub mod error;
 mod execute;
 pub mod guest_log;
 pub mod mailbox;
+pub mod metrics;
 pub mod renderer_link;
 pub mod resources;
 pub mod restart;
@@ -46,20 +47,27 @@ const DISCONNECT_RESET_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Exit code of the frontend when the renderer-worker disappears under it.
 pub const EXIT_RENDERER_GONE: i32 = 3;
 
-/// A vhost-user daemon serving `device`, its vring worker also watching the mailbox and
-/// the renderer's doorbell.
-fn new_daemon(device: &GpuDevice) -> Result<VhostUserDaemon<GpuDevice>, FrontendError> {
+/// A vhost-user daemon serving `device`, its vring worker also watching the mailbox, the
+/// renderer's doorbell and, with metrics on, the metrics timer.
+fn new_daemon(
+    device: &GpuDevice,
+    metrics_timer: Option<std::os::fd::RawFd>,
+) -> Result<VhostUserDaemon<GpuDevice>, FrontendError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
     let daemon = VhostUserDaemon::new("vgpu-vhost-user".into(), device.clone(), mem)
         .map_err(|e| FrontendError::Daemon(e.to_string()))?;
     let doorbell = device
         .renderer_doorbell_fd()
         .ok_or_else(|| FrontendError::Daemon("control actor poisoned".into()))?;
+    let metrics = metrics_timer.map(|fd| (fd, mailbox::METRICS_EVENT, "metrics timer"));
     for handler in daemon.get_epoll_handlers() {
         for (fd, event, what) in [
             (device.mailbox_fd(), mailbox::MAILBOX_EVENT, "mailbox"),
             (doorbell, mailbox::RENDERER_EVENT, "renderer doorbell"),
-        ] {
+        ]
+        .into_iter()
+        .chain(metrics)
+        {
             handler
                 .register_listener(fd, vmm_sys_util::epoll::EventSet::IN, u64::from(event))
                 .map_err(|e| FrontendError::Daemon(format!("registering the {what}: {e}")))?;
@@ -90,7 +98,19 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
     control.set_renewals(restart::Renewals::new(boot.renewals, broker_lane));
     let device = GpuDevice::new(&config, control, (mailbox, inbox), event_idx)
         .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
-    let mut daemon = new_daemon(&device)?;
+    // Armed before the jail, which has no timerfd_create or timerfd_settime.
+    let metrics_timer = match boot.metrics_period {
+        Some(period) => {
+            let reporter = metrics::Reporter::start(period, boot.to_broker.clone())
+                .map_err(|e| FrontendError::Daemon(format!("metrics timer: {e}")))?;
+            let fd = device
+                .set_metrics(reporter)
+                .map_err(|e| FrontendError::Daemon(format!("metrics timer: {e}")))?;
+            Some(fd)
+        }
+        None => None,
+    };
+    let mut daemon = new_daemon(&device, metrics_timer)?;
 
     sandbox::enter_jail(config.seccomp)?;
     boot.to_broker
@@ -124,7 +144,7 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         device
             .renew_exit_event()
             .map_err(|e| FrontendError::Daemon(format!("creating the exit event: {e}")))?;
-        daemon = new_daemon(&device)?;
+        daemon = new_daemon(&device, metrics_timer)?;
         log::info!("waiting for the next VMM connection (--keep-listening)");
     }
     // Joins the vring worker (the actor's thread) after waking it with the exit event.

@@ -17,6 +17,8 @@ use crate::control::Input;
 pub const MAILBOX_EVENT: u16 = crate::control::NUM_QUEUES as u16 + 1;
 /// The epoll `data` value of the renderer's doorbell.
 pub const RENDERER_EVENT: u16 = MAILBOX_EVENT + 1;
+/// The epoll `data` value of the metrics timer (`--metrics-file`).
+pub const METRICS_EVENT: u16 = RENDERER_EVENT + 1;
 
 /// Posting side; cheap to clone, usable from any thread.
 #[derive(Clone)]

@@ -36,7 +36,7 @@ pub use error::PolicyError;
 pub use harden::{drop_capabilities, harden_process, MAX_OPEN_FILES};
 pub use namespaces::{enter_empty_root, Namespace, NamespaceError, NamespaceSet, RootSwitch};
 pub use protocol::bootstrap::Role;
-pub use seccomp::{allowed_syscalls, filter_for, install_seccomp, Filter};
+pub use seccomp::{allowed_syscalls, filter_for, install_seccomp, Filter, METRICS_OPEN_FLAGS};
 pub use trap::TRAP_EXIT_CODE;
 
 /// The environment variable that selects the [`ViolationAction`] (`kill`, `trap` or `log`).

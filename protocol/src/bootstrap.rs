@@ -78,6 +78,9 @@ pub enum ChildStatus {
     VmmConnected,
     /// The VMM disconnected; the frontend is about to exit 0.
     VmmDisconnected,
+    /// The frontend's counters (frontend only, every
+    /// [`FrontendBootstrap::metrics_period`] when that is set).
+    Metrics(Box<crate::metrics::MetricsSnapshot>),
 }
 
 /// The bootstrap of the device-frontend.
@@ -101,6 +104,8 @@ pub struct FrontendBootstrap {
     pub renewals: IpcReceiver<RendererLinkRenewal>,
     /// Inherited fd number of the broker's descriptor lane ([`BROKER_LANE_FD`]).
     pub broker_lane_fd: i32,
+    /// How often to send [`ChildStatus::Metrics`]; None (no `--metrics-file`): never.
+    pub metrics_period: Option<std::time::Duration>,
 }
 
 /// The frontend's link to a restarted renderer-worker, sent by the broker on

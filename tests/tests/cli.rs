@@ -377,6 +377,14 @@ fn max_resource_memory_zero_is_one_line() {
     refused(&["--max-resource-memory", "0"], true, &[]);
 }
 
+#[test]
+fn name_that_would_break_a_log_line_is_one_line() {
+    for bad in ["vm 1", "vm]1", "", "vm/1"] {
+        refused(&["--name", bad], true, &["--name", "1..=64"]);
+    }
+    refused(&["--name", &"v".repeat(65)], true, &["--name", "1..=64"]);
+}
+
 /// `--fd 7` where the inherited fd 7 is `fd` of this process.
 fn refused_inherited(fd: RawFd, what: &str) {
     let mut cmd = bin();
@@ -446,6 +454,11 @@ fn inherited_listening_fd_is_served() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         line.trim_end().ends_with(&format!("fd {INHERITED_FD}")),
+        "ready line: {line}"
+    );
+    // Without --name and without a socket path, the name is the descriptor's.
+    assert!(
+        line.starts_with(&format!("vgpu-sandbox[fd-{INHERITED_FD} broker ")),
         "ready line: {line}"
     );
     let mut vmm = stack.connect().unwrap_or_else(|e| {

@@ -360,7 +360,7 @@ fn when_the_host_refuses_every_namespace_the_children_start_and_the_broker_says_
         stack
             .wait_for_log(
                 &format!(
-                    "[{} {}]: WARN no mount namespace of its own: the host's file system \
+                    " {} {}]: WARN no mount namespace of its own: the host's file system \
                      stays visible",
                     child.role, child.pid
                 ),

@@ -5,6 +5,7 @@
 //! seccompiler's allowlist program whose default action is the [`ViolationAction`].
 
 mod broker;
+pub use broker::METRICS_OPEN_FLAGS;
 mod common;
 mod frontend;
 pub(crate) mod permit;
@@ -29,6 +30,13 @@ pub enum Filter {
     RendererVirgl,
     /// The broker after set-up.
     Broker,
+    /// The broker after set-up with `--metrics-file`: it may also create and rename files
+    /// in the directory open at `dir_fd` (see `src/seccomp/broker.rs`). The descriptor
+    /// number is part of the filter, so it must stay open, at that number, for good.
+    BrokerMetrics {
+        /// The metrics file's directory.
+        dir_fd: i32,
+    },
 }
 
 impl Filter {
@@ -37,7 +45,7 @@ impl Filter {
         match self {
             Filter::Frontend => Role::Frontend,
             Filter::Renderer2d | Filter::RendererVirgl => Role::Renderer,
-            Filter::Broker => Role::Broker,
+            Filter::Broker | Filter::BrokerMetrics { .. } => Role::Broker,
         }
     }
 
@@ -68,6 +76,7 @@ pub(crate) fn permits(filter: Filter, pid: u32) -> Vec<Permit> {
         Filter::Renderer2d => renderer::permits_2d(pid),
         Filter::RendererVirgl => renderer::permits_virgl(pid),
         Filter::Broker => broker::permits(pid),
+        Filter::BrokerMetrics { dir_fd } => broker::permits_with_metrics(pid, dir_fd),
     }
 }
 
@@ -287,6 +296,19 @@ mod tests {
         assert!(frontend.contains(&"memfd_create"));
         let renderer = allowed_syscalls(Role::Renderer);
         assert!(renderer.contains(&"mmap"));
+    }
+
+    #[test]
+    fn broker_may_open_only_with_metrics() {
+        assert!(!allowed_syscalls(Filter::Broker).contains(&"openat"));
+        let with = allowed_syscalls(Filter::BrokerMetrics { dir_fd: 7 });
+        for name in ["openat", "renameat", "renameat2"] {
+            assert!(with.contains(&name), "{name}");
+        }
+        for name in ["open", "openat2", "creat", "rename"] {
+            assert!(!with.contains(&name), "{name}");
+        }
+        filter_for(Filter::BrokerMetrics { dir_fd: 7 }, ViolationAction::Kill).unwrap();
     }
 
     #[test]
