@@ -15,7 +15,7 @@ use protocol::bootstrap::{
     ChildBootstrap, ChildStatus, RendererBootstrap, RendererLinkRenewal, Role, DOORBELL_FD, LANE_FD,
 };
 use protocol::config::DeviceConfig;
-use protocol::ipc::{RendererEvent, RendererRequest};
+use protocol::ipc::{RendererBatch, RendererEvent};
 use protocol::lane::Lane;
 
 use crate::metrics::MetricsFile;
@@ -34,7 +34,7 @@ pub type StatusRx = IpcReceiver<ChildStatus>;
 /// The ends of a renderer-worker's channels that are not the renderer's.
 pub struct RendererEnds {
     /// Requests to it (the frontend's).
-    pub to_renderer: IpcSender<RendererRequest>,
+    pub to_renderer: IpcSender<RendererBatch>,
     /// Its replies and events (the frontend's).
     pub from_renderer: IpcReceiver<RendererEvent>,
     /// Its status reports (the broker's).

@@ -375,7 +375,7 @@ impl VhostUserBackend for GpuDevice {
                 }
             }
         };
-        if let Err(e) = result.and_then(|()| control.settle()) {
+        if let Err(e) = result.and_then(|()| control.finish_batch()) {
             // The device cannot go on without its renderer; the broker reports this exit
             // code and tears the rest down.
             log::error!("control actor stopped: {e}");

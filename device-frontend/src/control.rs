@@ -371,6 +371,19 @@ impl Control {
         Ok(())
     }
 
+    /// Ends a batch of inputs: answers what became answerable, then sends the renderer
+    /// every request the batch made, in one message. Called by the event loop before it
+    /// sleeps again.
+    pub fn finish_batch(&mut self) -> Result<(), FrontendError> {
+        self.settle()?;
+        if let Err(e) = self.link.flush() {
+            self.renderer_gone(&e.to_string());
+            // What it owed now includes the batch that could not be sent.
+            self.settle()?;
+        }
+        Ok(())
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats

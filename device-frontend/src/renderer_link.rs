@@ -9,18 +9,20 @@
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
-use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, RendererRequest};
+use protocol::ipc::{FenceInfo, RendererBatch, RendererEvent, RendererOp, RendererRequest};
 use protocol::lane::{FdTicket, Lane};
 
 use crate::error::FrontendError;
 
 /// Requests out, events in.
 pub struct RendererLink {
-    tx: IpcSender<RendererRequest>,
+    tx: IpcSender<RendererBatch>,
     rx: IpcReceiver<RendererEvent>,
     doorbell: OwnedFd,
     lane: Lane,
     next_seq: u64,
+    /// Requests made since the last [`RendererLink::flush`].
+    batch: RendererBatch,
     /// False from the moment the renderer is known to be gone until a new one is linked.
     alive: bool,
 }
@@ -28,7 +30,7 @@ pub struct RendererLink {
 impl RendererLink {
     /// Wraps the channels, the doorbell eventfd and the lane.
     pub fn new(
-        tx: IpcSender<RendererRequest>,
+        tx: IpcSender<RendererBatch>,
         rx: IpcReceiver<RendererEvent>,
         doorbell: OwnedFd,
         lane: Lane,
@@ -39,6 +41,7 @@ impl RendererLink {
             doorbell,
             lane,
             next_seq: 1,
+            batch: Vec::new(),
             alive: true,
         }
     }
@@ -47,7 +50,7 @@ impl RendererLink {
     /// the broker starts shares it).
     pub fn renew(
         &mut self,
-        tx: IpcSender<RendererRequest>,
+        tx: IpcSender<RendererBatch>,
         rx: IpcReceiver<RendererEvent>,
         lane: Lane,
     ) {
@@ -55,6 +58,7 @@ impl RendererLink {
         self.rx = rx;
         self.lane = lane;
         self.next_seq = 1;
+        self.batch.clear();
         self.alive = true;
     }
 
@@ -66,6 +70,7 @@ impl RendererLink {
     /// The renderer is gone: nothing more is sent until [`RendererLink::renew`].
     pub fn mark_gone(&mut self) {
         self.alive = false;
+        self.batch.clear();
     }
 
     /// The doorbell, for the event loop to watch.
@@ -86,17 +91,27 @@ impl RendererLink {
         Ok(self.lane.recv(ticket)?)
     }
 
-    /// Sends one request and returns its sequence number.
+    /// Queues one request for the next [`RendererLink::flush`] and returns its sequence
+    /// number.
     pub fn send(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Result<u64, FrontendError> {
         if !self.alive {
             return Err(FrontendError::RendererGone);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.tx
-            .send(RendererRequest { seq, op, fence })
-            .map_err(|e| FrontendError::RendererSend(e.to_string()))?;
+        self.batch.push(RendererRequest { seq, op, fence });
         Ok(seq)
+    }
+
+    /// Sends the queued requests as one message (nothing when none are queued).
+    pub fn flush(&mut self) -> Result<(), FrontendError> {
+        if self.batch.is_empty() || !self.alive {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.tx
+            .send(batch)
+            .map_err(|e| FrontendError::RendererSend(e.to_string()))
     }
 
     /// A sequence number for a request that could not be sent (its reply is made up by

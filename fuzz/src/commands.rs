@@ -47,7 +47,7 @@ use device_frontend::vmm_requests::{VmmRequests, HOSTMEM_SHMID};
 use ipc_channel::ipc::{self, IpcReceiver};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::config::{DeviceConfig, Limits, OutputConfig};
-use protocol::ipc::{BackingEntry, RendererEvent, RendererRequest};
+use protocol::ipc::{BackingEntry, RendererBatch, RendererEvent};
 use protocol::lane::Lane;
 use protocol::virtio_gpu::{
     BlobMem, Command, CtrlHeader, CursorPos, Format, Rect, Request, CTRL_HDR_SIZE,
@@ -508,7 +508,7 @@ impl DriverQueue {
 pub struct Harness {
     control: Control,
     executor: Executor<RutabagaRenderer>,
-    requests: IpcReceiver<RendererRequest>,
+    requests: IpcReceiver<RendererBatch>,
     mem: GuestMem,
     vrings: [VringRwLock; 2],
     queues: [DriverQueue; 2],
@@ -582,7 +582,7 @@ impl Harness {
     /// both virtqueues.
     pub fn new(setup: &Setup) -> Harness {
         let config = device_config(setup);
-        let (req_tx, req_rx) = ipc::channel::<RendererRequest>().expect("request channel");
+        let (req_tx, req_rx) = ipc::channel::<RendererBatch>().expect("request channel");
         let (ev_tx, ev_rx) = ipc::channel::<RendererEvent>().expect("event channel");
         let (ours, theirs) = Lane::pair().expect("descriptor lane");
         // Non-blocking, as the broker makes it: the actor reads it without waiting.
@@ -771,19 +771,19 @@ impl Harness {
     /// until neither has anything left, as the two processes' event loops would.
     fn pump(&mut self) {
         for _ in 0..100_000 {
-            self.control.settle().expect("settle");
+            self.control.finish_batch().expect("finish batch");
             let mut handled = false;
-            while let Ok(request) = self.requests.try_recv() {
+            while let Ok(batch) = self.requests.try_recv() {
                 handled = true;
                 self.executor
-                    .handle(request)
+                    .handle_batch(batch)
                     .expect("the frontend takes the renderer's events");
             }
             // Replies and fence completions; the doorbell is non-blocking, so this is a
             // no-op when nothing came.
             self.control.renderer_events().expect("renderer events");
             if !handled {
-                self.control.settle().expect("settle");
+                self.control.finish_batch().expect("finish batch");
                 return;
             }
         }

@@ -9,7 +9,7 @@ use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
 use crate::config::DeviceConfig;
-use crate::ipc::{RendererEvent, RendererRequest};
+use crate::ipc::{RendererBatch, RendererEvent};
 
 /// Command-line flag that selects a child role (hidden from users).
 pub const ROLE_FLAG: &str = "--internal-role";
@@ -89,7 +89,7 @@ pub struct FrontendBootstrap {
     /// Device configuration.
     pub config: DeviceConfig,
     /// Requests to the renderer.
-    pub to_renderer: IpcSender<RendererRequest>,
+    pub to_renderer: IpcSender<RendererBatch>,
     /// Replies and events from the renderer.
     pub from_renderer: IpcReceiver<RendererEvent>,
     /// Status reports to the broker.
@@ -114,7 +114,7 @@ pub struct FrontendBootstrap {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RendererLinkRenewal {
     /// Requests to the new renderer.
-    pub to_renderer: IpcSender<RendererRequest>,
+    pub to_renderer: IpcSender<RendererBatch>,
     /// Replies and events from it.
     pub from_renderer: IpcReceiver<RendererEvent>,
     /// The frontend's end of the new descriptor lane, on the broker's lane under this
@@ -128,7 +128,7 @@ pub struct RendererBootstrap {
     /// Device configuration.
     pub config: DeviceConfig,
     /// Requests from the frontend.
-    pub requests: IpcReceiver<RendererRequest>,
+    pub requests: IpcReceiver<RendererBatch>,
     /// Replies and events to the frontend.
     pub events: IpcSender<RendererEvent>,
     /// Status reports to the broker.

@@ -60,6 +60,11 @@ pub struct BlobScanout {
     pub height: u32,
 }
 
+/// What the frontend sends the renderer in one message: every request one batch of
+/// input (a queue kick, a memory table, an ack) made, in order. One message and one
+/// wake-up of the renderer per batch instead of per command.
+pub type RendererBatch = Vec<RendererRequest>;
+
 /// A request from the frontend to the renderer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RendererRequest {

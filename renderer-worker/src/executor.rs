@@ -13,7 +13,7 @@ use ipc_channel::ipc::IpcReceiver;
 use ipc_channel::IpcError;
 use protocol::config::{DeviceConfig, Limits};
 use protocol::ipc::{
-    FenceInfo, RenderError, RendererEvent, RendererOp, RendererRequest, ReplyBody,
+    FenceInfo, RenderError, RendererBatch, RendererEvent, RendererOp, RendererRequest, ReplyBody,
 };
 use protocol::lane::{FdTicket, Lane};
 use protocol::virtio_gpu::{
@@ -184,7 +184,7 @@ impl<R: Renderer> Executor<R> {
     /// Handles requests until the frontend closes the channel (`Ok`), or the channel
     /// breaks (`Err`). A frontend that stops taking events also ends the loop with `Ok`:
     /// it is gone, and the broker decides what happens next.
-    pub fn run(mut self, requests: &IpcReceiver<RendererRequest>) -> Result<(), RendererError> {
+    pub fn run(mut self, requests: &IpcReceiver<RendererBatch>) -> Result<(), RendererError> {
         loop {
             // While a fence is pending on asynchronous work, wait for the next request only
             // briefly and then look at the fences again.
@@ -198,8 +198,8 @@ impl<R: Renderer> Executor<R> {
                 requests.recv()
             };
             match next {
-                Ok(request) => {
-                    if let Err(e) = self.handle(request) {
+                Ok(batch) => {
+                    if let Err(e) = self.handle_batch(batch) {
                         log::info!("frontend stopped listening ({e}); renderer stops");
                         return Ok(());
                     }
@@ -211,6 +211,16 @@ impl<R: Renderer> Executor<R> {
                 Err(e) => return Err(RendererError::Requests(e)),
             }
         }
+    }
+
+    /// Executes a batch in order, waking the frontend once for all its replies.
+    pub fn handle_batch(&mut self, batch: RendererBatch) -> Result<(), SinkClosed> {
+        self.events.hold();
+        let handled = batch
+            .into_iter()
+            .try_for_each(|request| self.handle(request));
+        let released = self.events.release();
+        handled.and(released)
     }
 
     /// Executes one request, sends its reply, then creates its fence.

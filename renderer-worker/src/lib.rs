@@ -125,7 +125,7 @@ fn serve<R: Renderer>(
     lane: Lane,
     events: EventSink,
     config: &protocol::config::DeviceConfig,
-    requests: &ipc_channel::ipc::IpcReceiver<protocol::ipc::RendererRequest>,
+    requests: &ipc_channel::ipc::IpcReceiver<protocol::ipc::RendererBatch>,
     to_broker: &ipc_channel::ipc::IpcSender<ChildStatus>,
 ) -> Result<(), RendererError> {
     let executor = Executor::new(renderer, lane, events, config);

@@ -72,7 +72,7 @@ fn sealed_buffer(len: u64) -> File {
 
 /// Plays the frontend against an executor running on its own thread.
 struct Frontend {
-    requests: Option<IpcSender<RendererRequest>>,
+    requests: Option<IpcSender<Vec<RendererRequest>>>,
     events: IpcReceiver<RendererEvent>,
     lane: Lane,
     done: crossbeam_channel::Receiver<Result<(), RendererError>>,
@@ -81,7 +81,7 @@ struct Frontend {
 
 impl Frontend {
     fn start(config: DeviceConfig) -> Frontend {
-        let (req_tx, req_rx) = ipc::channel::<RendererRequest>().unwrap();
+        let (req_tx, req_rx) = ipc::channel::<Vec<RendererRequest>>().unwrap();
         let (ev_tx, ev_rx) = ipc::channel::<RendererEvent>().unwrap();
         let (ours, theirs) = Lane::pair().unwrap();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
@@ -112,7 +112,7 @@ impl Frontend {
         self.requests
             .as_ref()
             .expect("request channel open")
-            .send(request)
+            .send(vec![request])
             .expect("send request");
         self.seq
     }
@@ -578,11 +578,11 @@ fn a_vanished_frontend_ends_the_loop_cleanly() {
     // delivered, not because the requests stopped.
     let requests = requests.unwrap();
     requests
-        .send(RendererRequest {
+        .send(vec![RendererRequest {
             seq: 99,
             op: RendererOp::Reset,
             fence: None,
-        })
+        }])
         .unwrap();
     let result = done
         .recv_timeout(WAIT)

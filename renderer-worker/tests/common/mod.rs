@@ -65,7 +65,7 @@ pub fn child_side() {
 /// The jailed renderer and the test's ends of its channels.
 pub struct Jailed {
     pub child: Child,
-    pub req_tx: IpcSender<RendererRequest>,
+    pub req_tx: IpcSender<Vec<RendererRequest>>,
     pub ev_rx: IpcReceiver<RendererEvent>,
     pub lane: Lane,
     pub bell: OwnedFd,
@@ -97,7 +97,7 @@ impl Jailed {
         let (_, boot_tx) = bounded("the child's hello", move || server.accept().unwrap());
         drop(theirs);
 
-        let (req_tx, req_rx) = ipc::channel::<RendererRequest>().unwrap();
+        let (req_tx, req_rx) = ipc::channel::<Vec<RendererRequest>>().unwrap();
         let (ev_tx, ev_rx) = ipc::channel::<RendererEvent>().unwrap();
         let (st_tx, st_rx) = ipc::channel::<ChildStatus>().unwrap();
         boot_tx
@@ -142,7 +142,7 @@ impl Jailed {
         self.seq += 1;
         let seq = self.seq;
         self.req_tx
-            .send(RendererRequest { seq, op, fence })
+            .send(vec![RendererRequest { seq, op, fence }])
             .unwrap();
         match self.ev_rx.try_recv_timeout(WAIT) {
             Ok(RendererEvent::Reply { seq: got, result }) if got == seq => result,
