@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Listen for the VMM on this unix socket path (created; a stale socket is replaced).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
-    /// Use this inherited, already listening unix socket.
+    /// Use this inherited unix stream socket: a listening one, or one already connected to
+    /// the VMM (as libvirt hands it over; one connection then, relayed by the broker).
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
     /// Print the backend's capabilities as JSON and exit.

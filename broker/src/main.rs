@@ -8,6 +8,7 @@ mod child;
 mod cli;
 mod logger;
 mod metrics;
+mod relay;
 mod restart;
 mod serve;
 mod spawn;

@@ -1,7 +1,7 @@
 //! The broker's main job: bind (or adopt) the vhost-user socket, start and wire the two
 //! children, report readiness, supervise.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use protocol::lane::Lane;
 
 use crate::cli::ServeArgs;
 use crate::metrics;
+use crate::relay;
 use crate::restart::{self, Restarter, StatusRx};
 use crate::spawn::{self, Launch, Spawned};
 use crate::spawner::Spawner;
@@ -84,6 +85,7 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         );
     }
 
+    let mut relay = None;
     let (listener, where_, _socket_file) = match (&args.socket_path, args.fd) {
         (Some(path), None) => {
             let l = bind(path)?;
@@ -93,7 +95,13 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
                 SocketFile(Some(path.clone())),
             )
         }
-        (None, Some(fd)) => (adopt_fd(fd)?, format!("fd {fd}"), SocketFile(None)),
+        (None, Some(fd)) => match adopt_fd(fd, args.keep_listening)? {
+            Adopted::Listener(l) => (l, format!("fd {fd}"), SocketFile(None)),
+            Adopted::Connected(l, r) => {
+                relay = Some(r);
+                (l, format!("fd {fd} (connected)"), SocketFile(None))
+            }
+        },
         (None, None) => {
             return Err("one of --socket-path PATH or --fd N is required".into());
         }
@@ -158,6 +166,14 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
     let mut spawner_m = Managed::new(crate::spawner::SPAWNER_ROLE, spawner_child);
     // Set-up is over (children started and wired, every thread running): from here the
     // broker only supervises, and its own filter says so.
+    // Started while threads may still be created; it needs nothing the filter forbids.
+    if let Some(Err(e)) = relay.take().map(relay::Relay::start) {
+        supervise::stop_all(
+            &sfd,
+            &mut [&mut frontend_m, &mut renderer_m, &mut spawner_m],
+        );
+        return Err(e);
+    }
     let metrics_dir = metrics.as_ref().map(|m| m.dir_fd());
     if let Err(e) = jail_broker(args.seccomp.as_deref(), metrics_dir) {
         supervise::stop_all(
@@ -322,7 +338,15 @@ fn bind(path: &Path) -> Result<OwnedFd, String> {
     Ok(OwnedFd::from(l))
 }
 
-fn adopt_fd(fd: i32) -> Result<OwnedFd, String> {
+/// What `--fd` named.
+enum Adopted {
+    /// A listening socket: the frontend accepts the VMM's connections on it.
+    Listener(OwnedFd),
+    /// A socket connected to the VMM (libvirt's way), served through a relay.
+    Connected(OwnedFd, relay::Relay),
+}
+
+fn adopt_fd(fd: i32, keep_listening: bool) -> Result<Adopted, String> {
     if fd < 3 {
         return Err(format!("--fd {fd}: not a socket (fds 0-2 are stdio)"));
     }
@@ -332,17 +356,30 @@ fn adopt_fd(fd: i32) -> Result<OwnedFd, String> {
     }
     // SAFETY: the user handed this fd to us; from here on the broker owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    match getsockopt(&owned, sockopt::AcceptConn) {
-        Ok(true) => {}
-        Ok(false) => return Err(format!("--fd {fd}: socket is not listening")),
+    let listening = match getsockopt(&owned, sockopt::AcceptConn) {
+        Ok(listening) => listening,
         Err(_) => return Err(format!("--fd {fd}: not a socket")),
-    }
+    };
     match getsockopt(&owned, sockopt::SockType) {
         Ok(nix::sys::socket::SockType::Stream) => {}
         _ => return Err(format!("--fd {fd}: not a stream socket")),
     }
-    let _ = owned.as_raw_fd();
-    Ok(owned)
+    if listening {
+        return Ok(Adopted::Listener(owned));
+    }
+    if !relay::is_connected(owned.as_fd()) {
+        return Err(format!(
+            "--fd {fd}: neither listening nor connected to a VMM"
+        ));
+    }
+    if keep_listening {
+        return Err(format!(
+            "--fd {fd}: a connected socket serves one VMM connection; --keep-listening needs \
+             a listening socket"
+        ));
+    }
+    let (listener, relay) = relay::adopt_connected(owned).map_err(|e| format!("--fd {fd}: {e}"))?;
+    Ok(Adopted::Connected(listener, relay))
 }
 
 fn check_render_node(node: &Path, virgl: bool) -> Result<(), String> {

@@ -402,9 +402,16 @@ fn fd_of_a_regular_file_is_one_line() {
 }
 
 #[test]
-fn fd_of_a_socket_that_is_not_listening_is_one_line() {
-    let (a, _b) = UnixStream::pair().unwrap();
-    refused_inherited(a.as_raw_fd(), "connected, not listening socket");
+fn fd_of_a_socket_neither_listening_nor_connected_is_one_line() {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    refused_inherited(s.as_raw_fd(), "socket neither listening nor connected");
 }
 
 // ---------------------------------------------------------------- serving
@@ -643,4 +650,58 @@ fn limit_options_in_range_are_served() {
         .unwrap_or_else(|e| panic!("{e}\n{}", stack.log_text()));
     // 320x200 is 250 KiB, twice with its scanout buffer: within 1 MiB and 2 resources.
     draw_one_frame(&mut vmm, 1, 4);
+}
+
+/// `--fd` with a socket already connected to the VMM (one end of a socketpair, as libvirt
+/// starts a vhost-user backend): the device serves that one connection through the
+/// broker's relay, frames arrive exact, and the VMM hanging up ends the device with 0.
+#[test]
+fn inherited_connected_fd_is_served_and_its_hang_up_ends_the_device() {
+    let dir = tempfile::Builder::new()
+        .prefix("vgpu-sandbox-test")
+        .tempdir()
+        .unwrap();
+    // Never connected to: the VMM talks on the socketpair.
+    let unused = dir.path().join("unused.sock");
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut cmd = bin();
+    cmd.arg("--fd")
+        .arg(INHERITED_FD.to_string())
+        .args(["--output", "320x200"]);
+    inherit_as_fixed_fd(&mut cmd, theirs.as_raw_fd());
+    let mut stack = Stack::start_command(cmd, dir, unused, true)
+        .unwrap_or_else(|e| panic!("starting with a connected --fd {INHERITED_FD}: {e}"));
+    drop(theirs);
+    stack
+        .wait_for_log(&format!("fd {INHERITED_FD} (connected)"), WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut vmm =
+        TestVmm::from_stream(ours, &vgpu_tests::VmmOptions::default()).unwrap_or_else(|e| {
+            panic!(
+                "vhost-user set-up through the relay: {e}\n{}",
+                stack.log_text()
+            )
+        });
+    draw_one_frame(&mut vmm, 1, 13);
+    drop(vmm);
+    let status = stack.wait_exit(WAIT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Some(0), "{}", stack.log_text());
+}
+
+#[test]
+fn connected_fd_with_keep_listening_is_one_line_error() {
+    let (_ours, theirs) = UnixStream::pair().unwrap();
+    let mut cmd = bin();
+    cmd.arg("--fd")
+        .arg(INHERITED_FD.to_string())
+        .arg("--keep-listening");
+    inherit_as_fixed_fd(&mut cmd, theirs.as_raw_fd());
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--keep-listening needs a listening socket"),
+        "{err}"
+    );
 }
