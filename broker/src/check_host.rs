@@ -87,10 +87,12 @@ impl Check {
 }
 
 /// Runs every probe, prints one line each on stdout, and returns 1 when a requirement is
-/// missing (with one more line on stderr naming it).
-pub fn run() -> ExitCode {
+/// missing (with one more line on stderr naming it). What the serving options given with
+/// it ask for (`--virgl`, `--render-node PATH`) is required too: `vgpu-sandbox --virgl
+/// check-host` fails where `--virgl` could not start.
+pub fn run(asked: &crate::cli::ServeArgs) -> ExitCode {
     let probe = policy::namespaces::probe(NamespaceSet::ALL);
-    let checks = [
+    let mut checks = vec![
         seccomp_filter(),
         seccomp_kill_process(),
         seccomp_log(),
@@ -104,8 +106,9 @@ pub fn run() -> ExitCode {
         pidfd_open(),
         qemu(),
         render_nodes(),
-        virgl(),
+        asked_for(virgl(), asked.virgl),
     ];
+    checks.extend(render_node(asked.render_node.as_deref()));
     for check in &checks {
         println!("{}", check.line());
     }
@@ -442,6 +445,36 @@ fn close_range() -> Check {
     )
 }
 
+/// `check` made a requirement when the options asked for what it checks.
+fn asked_for(check: Check, asked: bool) -> Check {
+    if asked {
+        check.required()
+    } else {
+        check
+    }
+}
+
+/// `--render-node PATH`, when given: it must be a character device this user can open.
+fn render_node(path: Option<&std::path::Path>) -> Option<Check> {
+    const NAME: &str = "render-node";
+    let path = path?;
+    let check = match fs::metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) => {
+            match fs::OpenOptions::new().read(true).write(true).open(path) {
+                Ok(_) => Check::new(NAME, State::Ok, format!("{} opens", path.display())),
+                Err(e) => Check::new(NAME, State::Missing, format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(_) => Check::new(
+            NAME,
+            State::Missing,
+            format!("{}: not a character device", path.display()),
+        ),
+        Err(e) => Check::new(NAME, State::Missing, format!("{}: {e}", path.display())),
+    };
+    Some(check.required())
+}
+
 fn pidfd_open() -> Check {
     const NAME: &str = "pidfd-open";
     // SAFETY: FFI; pidfd_open of our own pid returns a new descriptor or fails.
@@ -451,7 +484,10 @@ fn pidfd_open() -> Check {
         return Check::new(
             NAME,
             State::Missing,
-            format!("pidfd_open: {e} (Linux < 5.3); not used (children are reaped via SIGCHLD)"),
+            format!(
+                "pidfd_open: {e} (Linux < 5.3); used: the spawner watches a replacement \
+                 renderer it started for the broker (a renderer restart fails without it)"
+            ),
         );
     }
     // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
@@ -459,7 +495,8 @@ fn pidfd_open() -> Check {
     Check::new(
         NAME,
         State::Ok,
-        "available; not used (the broker reaps children from a signalfd on SIGCHLD)",
+        "available; used: the spawner watches a replacement renderer it started for the \
+         broker until it says hello (the broker reaps it)",
     )
 }
 

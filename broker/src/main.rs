@@ -77,7 +77,7 @@ fn run(cli: cli::Cli) -> Result<ExitCode, String> {
         });
     }
     if let Some(cli::Sub::CheckHost) = cli.command {
-        return Ok(check_host::run());
+        return Ok(check_host::run(&cli.serve));
     }
     if let Some(cli::Sub::GenAssets { dir }) = &cli.command {
         cli::gen_assets(dir)?;

@@ -705,3 +705,23 @@ fn connected_fd_with_keep_listening_is_one_line_error() {
         "{err}"
     );
 }
+
+/// What the options given with `check-host` ask for is required: a `--render-node` that is
+/// not there makes it fail, in one line on stderr naming the check.
+#[test]
+fn check_host_fails_when_the_asked_render_node_is_missing() {
+    let mut cmd = bin();
+    cmd.args(["--render-node", "/nonexistent/renderD128", "check-host"]);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("render-node: missing: /nonexistent/renderD128")),
+        "{stdout}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("render-node"), "{stderr}");
+}
