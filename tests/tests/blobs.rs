@@ -17,7 +17,7 @@ use common::{expect, ok, still_works};
 use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::{AckAction, BackendEvent, BackendRequests, RequestKind};
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
-use vgpu_tests::gpu::{blob, capset, resp, BlobParams, Command, GpuError, MemEntry};
+use vgpu_tests::gpu::{blob, resp, BlobParams, Command, GpuError};
 use vgpu_tests::hostmem::HostmemWindow;
 use vgpu_tests::stack::Role;
 use vgpu_tests::vmm::HOSTMEM_SHMID;
@@ -85,7 +85,7 @@ fn connect(stack: Stack) -> Fx {
     let window = vmm.hostmem().expect("hostmem window").clone();
     assert_eq!(window.size(), HOSTMEM);
 
-    let ring_addr = init_context(&mut vmm, CTX, RING);
+    let ring_addr = common::cross_domain_context(&mut vmm, CTX, RING);
     Fx {
         stack,
         vmm,
@@ -93,39 +93,6 @@ fn connect(stack: Stack) -> Fx {
         window,
         ring_addr,
     }
-}
-
-/// Creates cross-domain context `ctx` with its query ring (guest blob `ring`) and
-/// initialises it; returns the ring's guest address.
-fn init_context(vmm: &mut TestVmm, ctx: u32, ring: u32) -> u64 {
-    let mem = vmm.memory().clone();
-    let gpu = vmm.gpu();
-    ok(
-        "CTX_CREATE (cross-domain)",
-        gpu.ctx_create(ctx, capset::CROSS_DOMAIN, b"blobs-test"),
-    );
-    let ring_addr = mem.alloc_aligned(PAGE, PAGE).expect("query ring page");
-    ok(
-        "RESOURCE_CREATE_BLOB (query ring, guest memory)",
-        gpu.resource_create_blob(
-            ctx,
-            ring,
-            BlobParams::guest(PAGE, 0),
-            &[MemEntry {
-                addr: ring_addr,
-                length: PAGE as u32,
-            }],
-        ),
-    );
-    ok(
-        "CTX_ATTACH_RESOURCE (query ring)",
-        gpu.ctx_attach_resource(ctx, ring),
-    );
-    ok(
-        "SUBMIT_3D cross-domain INIT",
-        gpu.submit_3d(ctx, &cross_domain::init(ring)),
-    );
-    ring_addr
 }
 
 /// Creates a mappable cross-domain (HOST3D) blob for a `w`x`h` XR24 image.
@@ -882,7 +849,7 @@ fn renderer_killed_at_random_points_of_map_unmap_cycles_leaks_nothing() {
     let mut next_id = 1000u32;
     for round in 0..10u32 {
         let (ctx, ring) = (10 + round, 500 + round);
-        let ring_addr = init_context(&mut fx.vmm, ctx, ring);
+        let ring_addr = common::cross_domain_context(&mut fx.vmm, ctx, ring);
         let stop = AtomicBool::new(false);
         let cycles = AtomicU32::new(0);
         let first_id = next_id;

@@ -18,7 +18,7 @@ use common::{expect, image, ok, resource_with, still_works};
 use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::BackendRequests;
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
-use vgpu_tests::gpu::{blob, capset, format, resp, BlobParams, Command as Gpu, MemEntry};
+use vgpu_tests::gpu::{blob, format, resp, BlobParams, Command as Gpu};
 use vgpu_tests::stack::{default_binary, Role};
 use vgpu_tests::{Stack, TestVmm, VmmOptions};
 
@@ -26,7 +26,6 @@ use vgpu_tests::{Stack, TestVmm, VmmOptions};
 const WAIT: Duration = Duration::from_secs(15);
 /// How often a wait re-reads the file.
 const POLL: Duration = Duration::from_millis(20);
-const PAGE: u64 = 4096;
 
 /// One parsed metrics file: samples by series without the `vm` label, e.g.
 /// `vgpu_commands_total{type="RESOURCE_FLUSH"}` or `vgpu_resources`.
@@ -456,30 +455,9 @@ const BLOB: u32 = 7;
 
 /// A cross-domain context with its query ring, then a mappable HOST3D blob `BLOB`.
 fn context_and_blob(vmm: &mut TestVmm) {
+    let ring_addr = common::cross_domain_context(vmm, CTX, RING);
     let mem = vmm.memory().clone();
     let gpu = vmm.gpu();
-    ok(
-        "CTX_CREATE (cross-domain)",
-        gpu.ctx_create(CTX, capset::CROSS_DOMAIN, b"metrics-test"),
-    );
-    let ring_addr = mem.alloc_aligned(PAGE, PAGE).expect("query ring page");
-    ok(
-        "RESOURCE_CREATE_BLOB (query ring)",
-        gpu.resource_create_blob(
-            CTX,
-            RING,
-            BlobParams::guest(PAGE, 0),
-            &[MemEntry {
-                addr: ring_addr,
-                length: PAGE as u32,
-            }],
-        ),
-    );
-    ok("CTX_ATTACH_RESOURCE", gpu.ctx_attach_resource(CTX, RING));
-    ok(
-        "SUBMIT_3D cross-domain INIT",
-        gpu.submit_3d(CTX, &cross_domain::init(RING)),
-    );
     ok(
         "SUBMIT_3D GET_IMAGE_REQUIREMENTS",
         gpu.submit_3d(

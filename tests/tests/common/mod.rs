@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use vgpu_tests::gpu::{format, resp, Backing, GpuError, Rect, Response};
+use vgpu_tests::cross_domain;
+use vgpu_tests::gpu::{
+    capset, format, resp, Backing, BlobParams, GpuError, MemEntry, Rect, Response,
+};
 use vgpu_tests::{DisplayEvent, Stack, TestVmm};
 
 /// Bound on every display-socket wait.
@@ -156,4 +159,42 @@ pub fn fd_counts(stack: &mut Stack) -> Vec<(String, usize)> {
         .collect();
     counts.sort();
     counts
+}
+
+/// A guest page.
+const PAGE_SIZE: u64 = 4096;
+
+/// Creates cross-domain context `ctx` with its query ring (guest blob `ring`) and
+/// initialises it; returns the ring's guest address.
+pub fn cross_domain_context(vmm: &mut TestVmm, ctx: u32, ring: u32) -> u64 {
+    let mem = vmm.memory().clone();
+    let gpu = vmm.gpu();
+    ok(
+        "CTX_CREATE (cross-domain)",
+        gpu.ctx_create(ctx, capset::CROSS_DOMAIN, b"vgpu-test"),
+    );
+    let ring_addr = mem
+        .alloc_aligned(PAGE_SIZE, PAGE_SIZE)
+        .expect("query ring page");
+    ok(
+        "RESOURCE_CREATE_BLOB (query ring, guest memory)",
+        gpu.resource_create_blob(
+            ctx,
+            ring,
+            BlobParams::guest(PAGE_SIZE, 0),
+            &[MemEntry {
+                addr: ring_addr,
+                length: PAGE_SIZE as u32,
+            }],
+        ),
+    );
+    ok(
+        "CTX_ATTACH_RESOURCE (query ring)",
+        gpu.ctx_attach_resource(ctx, ring),
+    );
+    ok(
+        "SUBMIT_3D cross-domain INIT",
+        gpu.submit_3d(ctx, &cross_domain::init(ring)),
+    );
+    ring_addr
 }
