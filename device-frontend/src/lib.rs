@@ -124,7 +124,10 @@ pub fn run(boot: FrontendBootstrap) -> Result<(), FrontendError> {
         log::info!("VMM connected");
         let _ = boot.to_broker.send(ChildStatus::VmmConnected);
         match daemon.wait() {
-            Ok(()) => log::info!("VMM disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => log::info!("VMM disconnected"),
             Err(e) => log::info!("VMM connection ended ({e})"),
         }
         if !config.keep_listening {

@@ -25,6 +25,6 @@ pub(crate) fn enter_jail(seccomp: bool) -> Result<(), FrontendError> {
         policy::violation_action_from_env().map_err(|e| FrontendError::Sandbox(e.to_string()))?;
     policy::install_seccomp(Role::Frontend, action)
         .map_err(|e| FrontendError::Sandbox(e.to_string()))?;
-    log::info!("seccomp filter installed ({action:?} on violation)");
+    // install_seccomp logged it (role, size, action): one line per lifecycle event.
     Ok(())
 }

@@ -29,7 +29,7 @@ pub fn enter_jail(config: &DeviceConfig) -> Result<(), RendererError> {
     } else {
         policy::Filter::Renderer2d
     };
+    // install_seccomp logged it (role, size, action): one line per lifecycle event.
     policy::install_seccomp(filter, policy::violation_action_from_env()?)?;
-    log::info!("renderer jailed (seccomp filter installed)");
     Ok(())
 }
