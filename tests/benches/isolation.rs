@@ -77,6 +77,10 @@ pub struct Options {
     reps: usize,
     warmup: usize,
     bin: Option<PathBuf>,
+    /// VMs of each backend run at once in the fleet part (0: no fleet part).
+    fleet: usize,
+    /// Full frames each fleet VM draws, at 640x480.
+    fleet_frames: u32,
 }
 
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> BenchResult<Options> {
@@ -93,6 +97,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> BenchResult<Option
         reps: 5,
         warmup: 1,
         bin: None,
+        fleet: 0,
+        fleet_frames: 60,
     };
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
@@ -141,11 +147,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> BenchResult<Option
             "--reps" => o.reps = num(value()?)?.clamp(1, 1000) as usize,
             "--warmup" => o.warmup = num(value()?)?.min(100) as usize,
             "--bin" => o.bin = Some(PathBuf::from(value()?)),
+            "--fleet" => o.fleet = num(value()?)?.min(256) as usize,
+            "--fleet-frames" => o.fleet_frames = num(value()?)?.clamp(1, 100_000) as u32,
             "-h" | "--help" => {
                 return Err("usage: cargo bench -p vgpu-tests --bench isolation -- \
                      [--backend ours|reference|both] [--size WxH] [--frames N] [--samples S] \
                      [--commands C] [--blob-cycles B] [--pingpongs P] [--memcpys M] [--reps R] \
-                     [--warmup W] [--bin PATH]"
+                     [--warmup W] [--bin PATH] [--fleet N] [--fleet-frames F]"
                     .into())
             }
             other => return Err(format!("unknown argument {other} (try --help)")),
@@ -998,10 +1006,198 @@ pub fn run(o: &Options) -> BenchResult<String> {
          between the VMM and the backend process(es) that mapped it",
         frame / 1024
     ));
+    if o.fleet > 0 {
+        line(String::new());
+        let results = backends
+            .iter()
+            .map(|b| fleet(b, o).map_err(|e| format!("{} fleet: {e}", name(b.kind))))
+            .collect::<BenchResult<Vec<_>>>()?;
+        for l in fleet_table(o, &backends, &results) {
+            line(l);
+        }
+    }
     if missing {
         line("BASELINE MISSING: the figures above are vgpu-sandbox alone".into());
     }
     Ok(out)
+}
+
+/// Frame size of the fleet part: 32 1080p VMs would be 32 x 16 MiB of pixels drawn on two
+/// cores; 640x480 keeps the fleet about the processes, not the copies.
+const FLEET_SIZE: (u32, u32) = (640, 480);
+
+/// What a fleet of VMs of one backend gave.
+struct FleetResult {
+    /// Start-to-ready of each VM, started one after another while the earlier ones run.
+    ready_ms: Vec<f64>,
+    /// Each VM's full frames per second while all draw at once.
+    fps: Vec<f64>,
+    /// All VMs' frames per second of wall time.
+    total_fps: f64,
+    /// Each VM's PSS without guest RAM, after drawing, all still running.
+    pss_kib: Vec<f64>,
+}
+
+/// `o.fleet` VMs of backend `b` at once, each drawing `o.fleet_frames` full frames in its
+/// own thread: start-up on a host already running the others, frames/s under contention,
+/// and PSS per VM.
+fn fleet(b: &Backend, o: &Options) -> BenchResult<FleetResult> {
+    let (w, h) = FLEET_SIZE;
+    let fo = Options {
+        width: w,
+        height: h,
+        frames: o.fleet_frames,
+        samples: 0,
+        ..o.clone()
+    };
+    let patterns: Vec<(Vec<u8>, u64)> = (0..PATTERNS)
+        .map(|f| {
+            let p = pattern(w, h, f * 23 + 5);
+            let hash = vgpu_tests::display::payload_hash(&p);
+            (p, hash)
+        })
+        .collect();
+    let opts = VmmOptions {
+        mem_size: u64::from(w) * u64::from(h) * 4 + (16 << 20),
+        timeout: TIMEOUT * 6,
+        display: DisplayConfig {
+            outputs: vec![(w, h)],
+            ..Default::default()
+        },
+        ..VmmOptions::default()
+    };
+    let mut vms = Vec::with_capacity(o.fleet);
+    let mut ready_ms = Vec::with_capacity(o.fleet);
+    for _ in 0..o.fleet {
+        let (vm, ready) = Vm::start(b, &fo, &[])?;
+        ready_ms.push(ready.as_secs_f64() * 1e3);
+        vms.push(vm);
+    }
+    let mut vmms = vms
+        .iter_mut()
+        .map(|vm| vm.connect(&opts))
+        .collect::<BenchResult<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let samples = std::thread::scope(|scope| {
+        let running: Vec<_> = vmms
+            .iter_mut()
+            .map(|vmm| {
+                let (fo, patterns) = (&fo, &patterns);
+                scope.spawn(move || {
+                    let mut s = Sample::default();
+                    draw(vmm, fo, patterns, &mut s).map(|()| s)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| "a fleet VM's thread panicked".to_string())?
+            })
+            .collect::<BenchResult<Vec<_>>>()
+    })?;
+    let wall = t0.elapsed().as_secs_f64().max(1e-9);
+    let pss_kib = vms
+        .iter()
+        .map(|vm| {
+            let p = pss_of(&vm.pids());
+            (p.total - p.guest_ram) as f64
+        })
+        .collect();
+    Ok(FleetResult {
+        ready_ms,
+        fps: samples.iter().map(|s| s.fps).collect(),
+        total_fps: (o.fleet as f64 * f64::from(o.fleet_frames)) / wall,
+        pss_kib,
+    })
+}
+
+/// `v` sorted, for [`percentile`].
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn fleet_table(o: &Options, backends: &[Backend], results: &[FleetResult]) -> Vec<String> {
+    let (w, h) = FLEET_SIZE;
+    let mut out = vec![
+        format!(
+            "fleet: {} VMs of each backend at once, each drawing {} full {w}x{h} frames in its \
+             own thread (ratio = ours vs reference, >1: ours better)",
+            o.fleet, o.fleet_frames
+        ),
+        format!(
+            "| {:<46} | {:>7} | {:>12} | {:>12} | {:>7} |",
+            "fleet", "unit", "vgpu-sandbox", "QEMU", "ratio"
+        ),
+        format!(
+            "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
+            "", "", "", "", ""
+        ),
+    ];
+    let of = |kind: Kind| {
+        backends
+            .iter()
+            .position(|b| b.kind == kind)
+            .map(|i| &results[i])
+    };
+    type Stat = fn(&FleetResult) -> f64;
+    let rows: [(&str, &str, Stat, bool); 6] = [
+        (
+            "start-to-ready, median over the fleet",
+            "ms",
+            |r| percentile(&sorted(&r.ready_ms), 0.5),
+            false,
+        ),
+        (
+            "start-to-ready, slowest VM",
+            "ms",
+            |r| percentile(&sorted(&r.ready_ms), 1.0),
+            false,
+        ),
+        (
+            "frames/s per VM, median",
+            "frame/s",
+            |r| percentile(&sorted(&r.fps), 0.5),
+            true,
+        ),
+        (
+            "frames/s of all VMs together",
+            "frame/s",
+            |r| r.total_fps,
+            true,
+        ),
+        (
+            "PSS per VM without guest RAM, median",
+            "KiB",
+            |r| percentile(&sorted(&r.pss_kib), 0.5),
+            false,
+        ),
+        (
+            "PSS per VM without guest RAM, largest",
+            "KiB",
+            |r| percentile(&sorted(&r.pss_kib), 1.0),
+            false,
+        ),
+    ];
+    for (label, unit, f, hib) in rows {
+        let a = of(Kind::Ours).map_or(f64::NAN, f);
+        let b = of(Kind::Reference).map_or(f64::NAN, f);
+        let r = if hib { a / b } else { b / a };
+        let r = if r.is_finite() && r > 0.0 {
+            format!("{r:.2}x")
+        } else {
+            "-".into()
+        };
+        out.push(format!(
+            "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {r:>7} |",
+            fmt(a),
+            fmt(b)
+        ));
+    }
+    out
 }
 
 fn name(k: Kind) -> &'static str {

@@ -30,6 +30,10 @@ fn isolation_bench_completes_and_prints_its_table() {
         "1",
         "--warmup",
         "0",
+        "--fleet",
+        "2",
+        "--fleet-frames",
+        "2",
         "--bin",
         bin.as_str(),
     ];
@@ -46,6 +50,8 @@ fn isolation_bench_completes_and_prints_its_table() {
         "blob MAP+UNMAP cycle (--hostmem 64M), median",
         "single-core memcpy",
         "1-byte Unix-socket round trip",
+        "frames/s of all VMs together",
+        "PSS per VM without guest RAM, median",
     ] {
         assert!(table.contains(needle), "no {needle:?} in:\n{table}");
     }
