@@ -309,7 +309,13 @@ const VIRGL_CAPSETS: u32 = 2;
 /// `--print-capabilities`: what this build really supports on this host, in QEMU's format.
 /// "virgl" is listed only when virglrenderer really initialises here.
 pub fn capabilities_json() -> String {
-    let mut features = vec!["render-node"];
+    let mut features = Vec::new();
+    // libvirt, when a backend lists it and the domain names no node, picks one from
+    // /dev/dri and refuses to start the domain where there is none: list it only where
+    // there is one to pick.
+    if has_render_node() {
+        features.push("render-node");
+    }
     if virgl_works() {
         features.push("virgl");
     }
@@ -318,6 +324,15 @@ pub fn capabilities_json() -> String {
         "features": features,
     })
     .to_string()
+}
+
+/// Whether `/dev/dri` holds a render node (`renderD*`).
+fn has_render_node() -> bool {
+    std::fs::read_dir("/dev/dri").is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("renderD"))
+    })
 }
 
 fn virgl_works() -> bool {
