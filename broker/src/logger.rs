@@ -34,6 +34,13 @@ pub const LOG_ENV: &str = "VGPU_SANDBOX_LOG";
 pub const NAME_ENV: &str = "VGPU_SANDBOX_NAME";
 /// The standard filter variable; when set it overrides `--log-level` for what it names.
 pub const RUST_LOG: &str = "RUST_LOG";
+/// Set (to `1`) when fd 2 is a datagram socket to the system log ([`route_lost_stderr`]):
+/// every line is then one syslog message with its priority.
+pub const SYSLOG_ENV: &str = "VGPU_SANDBOX_SYSLOG";
+/// Where the system log listens; the variable of the same name overrides it (tests).
+const SYSLOG_SOCKET: &str = "/dev/log";
+/// syslog's daemon facility (3), shifted as a priority wants it.
+const DAEMON: u8 = 3 << 3;
 /// What a child calls its VM when the broker did not say (it always does).
 const UNNAMED: &str = "unnamed";
 
@@ -79,6 +86,50 @@ fn filter(level: LevelFilter, rust_log: Option<&str>) -> (EnvFilter, Option<Stri
     }
 }
 
+/// Where the broker's stderr goes nowhere (closed, or /dev/null: libvirt starts a
+/// vhost-user backend that way), makes fd 2 a datagram socket to the system log, so that
+/// its lines and its children's (they inherit fd 2 and [`SYSLOG_ENV`]) reach the journal.
+/// Call it first, while the process has one thread (it sets an environment variable).
+/// Returns whether it did.
+pub fn route_lost_stderr() -> bool {
+    if !stderr_is_lost() {
+        return false;
+    }
+    let path = std::env::var_os(SYSLOG_SOCKET_ENV).unwrap_or_else(|| SYSLOG_SOCKET.into());
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return false;
+    };
+    // Non-blocking: a journal that falls behind costs lines, never a stalled virtqueue
+    // thread in the frontend (whose log writes go to this same socket).
+    if sock.connect(&path).is_err() || sock.set_nonblocking(true).is_err() {
+        return false;
+    }
+    // dup2 leaves the new fd 2 without close-on-exec: the children get it too.
+    if nix::unistd::dup2_stderr(&sock).is_err() {
+        return false;
+    }
+    std::env::set_var(SYSLOG_ENV, "1");
+    true
+}
+
+/// Overrides [`SYSLOG_SOCKET`].
+const SYSLOG_SOCKET_ENV: &str = "VGPU_SANDBOX_SYSLOG_SOCKET";
+
+/// fd 2 closed, or /dev/null (character device 1:3).
+fn stderr_is_lost() -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: FFI; `st` is a live local for the kernel to fill. A closed fd 2 makes fstat
+    // fail, which is an answer.
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return true;
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
+        && libc::major(st.st_rdev) == 1
+        && libc::minor(st.st_rdev) == 3
+}
+
 /// Installs the subscriber (and the `log` bridge) for this process; `role` and `name`
 /// prefix every line. A second call in the same process changes nothing.
 pub fn init(role: &'static str, name: &str, level: LevelFilter) {
@@ -93,6 +144,7 @@ pub fn init(role: &'static str, name: &str, level: LevelFilter) {
         ),
         colour: std::io::stderr().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        syslog: std::env::var_os(SYSLOG_ENV).is_some_and(|v| v == "1"),
     };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -112,6 +164,8 @@ pub fn init(role: &'static str, name: &str, level: LevelFilter) {
 struct Line {
     prefix: String,
     colour: bool,
+    /// Each line is a syslog message: `<priority>` first.
+    syslog: bool,
 }
 
 impl<S, N> FormatEvent<S, N> for Line
@@ -129,6 +183,15 @@ where
         let mut text = String::new();
         ctx.field_format()
             .format_fields(Writer::new(&mut text), event)?;
+        if self.syslog {
+            let severity = match level {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{}>", DAEMON + severity)?;
+        }
         writer.write_str(&self.prefix)?;
         if self.colour {
             let code = match level {
@@ -181,6 +244,7 @@ mod tests {
             .event_format(Line {
                 prefix: "vgpu-sandbox[vm1 broker 7]: ".into(),
                 colour: false,
+                syslog: false,
             })
             .finish();
         tracing::subscriber::with_default(subscriber, || {
@@ -192,6 +256,32 @@ mod tests {
             text,
             "vgpu-sandbox[vm1 broker 7]: WARN first\\nsecond\\r\n\
              vgpu-sandbox[vm1 broker 7]: INFO with a field answer=42\n"
+        );
+    }
+
+    #[test]
+    fn a_syslog_line_starts_with_its_daemon_priority() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .event_format(Line {
+                prefix: "vgpu-sandbox[vm1 broker 7]: ".into(),
+                colour: false,
+                syslog: true,
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("e");
+            tracing::warn!("w");
+            tracing::info!("i");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "<27>vgpu-sandbox[vm1 broker 7]: ERROR e\n\
+             <28>vgpu-sandbox[vm1 broker 7]: WARN w\n\
+             <30>vgpu-sandbox[vm1 broker 7]: INFO i\n"
         );
     }
 

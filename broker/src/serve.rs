@@ -49,8 +49,14 @@ impl Drop for SocketFile {
 
 pub fn serve(args: ServeArgs) -> Result<i32, String> {
     // Before any thread exists, so every thread inherits the blocked mask.
+    // First, while the broker has one thread: where its stderr is lost (a manager started
+    // it without one), the log goes to the system log instead.
+    let to_syslog = crate::logger::route_lost_stderr();
     let sfd = supervise::signal_fd().map_err(|e| format!("setting up signal handling: {e}"))?;
     crate::logger::init("broker", &args.vm_name(), args.log_level);
+    if to_syslog {
+        log::info!("stderr goes nowhere: logging to the system log");
+    }
 
     // Fails early, in one line, where --virgl cannot work.
     let virgl_capsets = if args.virgl {

@@ -386,3 +386,59 @@ fn a_hostile_guest_gets_a_bounded_number_of_lines_and_a_count() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.kind, resp::OK_DISPLAY_INFO, "{}", r.kind_name());
 }
+
+/// Started with stderr going nowhere (/dev/null, as libvirt starts a vhost-user backend),
+/// the broker sends every process's lines to the system log instead: one datagram each,
+/// with a daemon-facility priority, from the broker and its children alike.
+#[test]
+fn with_stderr_on_dev_null_the_lines_go_to_the_system_log() {
+    use std::os::unix::net::UnixDatagram;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let journal = UnixDatagram::bind(&log).unwrap();
+    journal.set_read_timeout(Some(WAIT)).unwrap();
+    let socket = dir.path().join("vm7").join("vgpu.sock");
+    std::fs::create_dir(socket.parent().unwrap()).unwrap();
+    let mut child = Command::new(default_binary().unwrap())
+        .arg("--socket-path")
+        .arg(&socket)
+        .env("VGPU_SANDBOX_SYSLOG_SOCKET", &log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let mut buf = vec![0u8; 4096];
+    while Instant::now() < deadline {
+        let Ok(n) = journal.recv(&mut buf) else { break };
+        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = line.contains("broker: seccomp filter installed");
+        got.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = got.join("");
+    for needle in [
+        // daemon (3 << 3) + info (6) = 30
+        "<30>vgpu-sandbox[vm7 broker ",
+        "]: INFO stderr goes nowhere: logging to the system log",
+        "]: INFO ready: serving on",
+        "<30>vgpu-sandbox[vm7 device-frontend ",
+        "<30>vgpu-sandbox[vm7 renderer-worker ",
+        "<30>vgpu-sandbox[vm7 broker ",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    assert!(
+        got.iter()
+            .all(|l| l.starts_with('<') && l.matches("vgpu-sandbox[").count() == 1),
+        "one message per datagram:\n{text}"
+    );
+}
