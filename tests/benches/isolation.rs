@@ -348,6 +348,9 @@ fn check(what: &str, r: Result<Response, impl std::fmt::Display>, want: u32) -> 
 #[derive(Clone, Debug, Default)]
 struct Sample {
     ready_ms: f64,
+    /// Exec to the first `connect()` that succeeds: when a VMM can connect (the
+    /// reference's `ready_ms` is this already).
+    socket_ms: f64,
     fps: f64,
     gbps: f64,
     damage_us: Vec<f64>,
@@ -361,6 +364,10 @@ struct Sample {
 fn vm_session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchResult<Sample> {
     let (w, h) = (o.width, o.height);
     let frame = u64::from(w) * u64::from(h) * 4;
+    let socket_ms = match b.kind {
+        Kind::Ours => socket_ready(b, o)?.as_secs_f64() * 1e3,
+        Kind::Reference => f64::NAN,
+    };
     let (mut vm, ready) = Vm::start(b, o, &[])?;
     let opts = VmmOptions {
         mem_size: frame + (64 << 20),
@@ -374,6 +381,11 @@ fn vm_session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchRes
     let mut vmm = vm.connect(&opts)?;
     let mut s = Sample {
         ready_ms: ready.as_secs_f64() * 1e3,
+        socket_ms: if socket_ms.is_nan() {
+            ready.as_secs_f64() * 1e3
+        } else {
+            socket_ms
+        },
         ..Sample::default()
     };
     draw(&mut vmm, o, patterns, &mut s)?;
@@ -395,6 +407,44 @@ fn vm_session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchRes
         );
     }
     Ok(s)
+}
+
+/// Ours measured as the reference is: exec of `--socket-path X` to the first `connect()`
+/// that succeeds (the broker listens before it starts its children; a VMM connecting then
+/// is served once the frontend is up). A process of its own, killed afterwards (its
+/// children follow by their parent-death signal).
+fn socket_ready(b: &Backend, o: &Options) -> BenchResult<Duration> {
+    let dir = tempfile::Builder::new()
+        .prefix("vgpu-bench")
+        .tempdir()
+        .map_err(|e| format!("tempdir: {e}"))?;
+    let socket = dir.path().join("vgpu.sock");
+    let t0 = Instant::now();
+    let mut child = Process::new(&b.bin)
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--output")
+        .arg(format!("{}x{}", o.width, o.height))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", b.bin.display()))?;
+    let connected = loop {
+        if UnixStream::connect(&socket).is_ok() {
+            break Ok(t0.elapsed());
+        }
+        if t0.elapsed() > TIMEOUT {
+            break Err("vgpu-sandbox never accepted a connection".to_string());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            break Err(format!("vgpu-sandbox exited: {st}"));
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    connected
 }
 
 /// Full frames (TRANSFER_TO_HOST_2D + RESOURCE_FLUSH until the UPDATE is in), then 64x64
@@ -865,6 +915,12 @@ pub fn run(o: &Options) -> BenchResult<String> {
             "start-to-ready (exec -> ready line / socket)",
             "ms",
             thr(|s| s.ready_ms),
+            false,
+        ),
+        (
+            "socket accepts a connection (exec -> connect)",
+            "ms",
+            thr(|s| s.socket_ms),
             false,
         ),
         (

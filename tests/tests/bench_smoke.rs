@@ -43,6 +43,7 @@ fn isolation_bench_completes_and_prints_its_table() {
     for needle in [
         "| benchmark",
         "start-to-ready",
+        "socket accepts a connection",
         "full frames (TRANSFER+FLUSH+UPDATE)",
         "fenced command round trip, p99",
         "64x64 damage round trip, median",
