@@ -6,14 +6,151 @@
 //! `Sync`, and at most one exists at a time.
 
 use std::cell::RefCell;
+use std::ffi::c_int;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use virglrenderer_sys as sys;
 
 use crate::guest_memory::HostIovec;
+
+/// virglrenderer's entry points, looked up at run time (`dlopen` of
+/// `libvirglrenderer.so.1`) rather than linked: only a `--virgl` renderer and the virgl
+/// probes load the library and the twenty it pulls in (epoxy, gbm, X11, vulkan, ...);
+/// every other process of every VM starts without them, which is most of an exec's cost
+/// and of each process's private memory. Each field's type is the C prototype of
+/// `virglrenderer.h` as the bindings give it.
+struct Lib {
+    set_debug_callback:
+        unsafe extern "C" fn(sys::virgl_debug_callback_type) -> sys::virgl_debug_callback_type,
+    init: unsafe extern "C" fn(*mut c_void, c_int, *mut sys::virgl_renderer_callbacks) -> c_int,
+    get_cap_set: unsafe extern "C" fn(u32, *mut u32, *mut u32),
+    fill_caps: unsafe extern "C" fn(u32, u32, *mut c_void),
+    resource_create: unsafe extern "C" fn(
+        *mut sys::virgl_renderer_resource_create_args,
+        *mut sys::iovec,
+        u32,
+    ) -> c_int,
+    resource_attach_iov: unsafe extern "C" fn(c_int, *mut sys::iovec, c_int) -> c_int,
+    resource_detach_iov: unsafe extern "C" fn(c_int, *mut *mut sys::iovec, *mut c_int),
+    resource_unref: unsafe extern "C" fn(u32),
+    transfer_write_iov: unsafe extern "C" fn(
+        u32,
+        u32,
+        c_int,
+        u32,
+        u32,
+        *mut sys::virgl_box,
+        u64,
+        *mut sys::iovec,
+        std::ffi::c_uint,
+    ) -> c_int,
+    transfer_read_iov: unsafe extern "C" fn(
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        *mut sys::virgl_box,
+        u64,
+        *mut sys::iovec,
+        c_int,
+    ) -> c_int,
+    context_create: unsafe extern "C" fn(u32, u32, *const std::ffi::c_char) -> c_int,
+    context_create_with_flags:
+        unsafe extern "C" fn(u32, u32, u32, *const std::ffi::c_char) -> c_int,
+    context_destroy: unsafe extern "C" fn(u32),
+    ctx_attach_resource: unsafe extern "C" fn(c_int, c_int),
+    ctx_detach_resource: unsafe extern "C" fn(c_int, c_int),
+    submit_cmd: unsafe extern "C" fn(*mut c_void, c_int, c_int) -> c_int,
+    create_fence: unsafe extern "C" fn(c_int, u32) -> c_int,
+    context_create_fence: unsafe extern "C" fn(u32, u32, u32, u64) -> c_int,
+    poll: unsafe extern "C" fn(),
+    resource_create_blob:
+        unsafe extern "C" fn(*const sys::virgl_renderer_resource_create_blob_args) -> c_int,
+    resource_export_blob: unsafe extern "C" fn(u32, *mut u32, *mut c_int) -> c_int,
+    resource_get_map_info: unsafe extern "C" fn(u32, *mut u32) -> c_int,
+    cleanup: unsafe extern "C" fn(*mut c_void),
+}
+
+/// The library's soname (what libvirglrenderer-dev's link would have recorded).
+const SONAME: &std::ffi::CStr = c"libvirglrenderer.so.1";
+
+impl Lib {
+    /// Loaded once per process and never unloaded (virglrenderer keeps global state).
+    fn get() -> Result<&'static Lib, VirglError> {
+        static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
+        LIB.get_or_init(Lib::load)
+            .as_ref()
+            .map_err(|why| VirglError::Load(why.clone()))
+    }
+
+    // Each transmute's target is the field it initialises: the prototype is written once,
+    // in the struct, not again at every symbol.
+    #[allow(clippy::missing_transmute_annotations)]
+    fn load() -> Result<Lib, String> {
+        // SAFETY: FFI with a NUL-terminated name; the handle is never closed.
+        let handle = unsafe { libc::dlopen(SONAME.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            return Err(dl_error());
+        }
+        macro_rules! sym {
+            ($name:literal) => {{
+                // SAFETY: FFI with a live handle and a NUL-terminated name.
+                let p = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
+                if p.is_null() {
+                    return Err(format!("{}: no {}", SONAME.to_string_lossy(), $name));
+                }
+                // SAFETY: the symbol is the function of that name in virglrenderer.h, whose
+                // prototype the field's type states; a code pointer and a fn pointer have
+                // the same size and representation.
+                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            }};
+        }
+        Ok(Lib {
+            set_debug_callback: sym!("virgl_set_debug_callback"),
+            init: sym!("virgl_renderer_init"),
+            get_cap_set: sym!("virgl_renderer_get_cap_set"),
+            fill_caps: sym!("virgl_renderer_fill_caps"),
+            resource_create: sym!("virgl_renderer_resource_create"),
+            resource_attach_iov: sym!("virgl_renderer_resource_attach_iov"),
+            resource_detach_iov: sym!("virgl_renderer_resource_detach_iov"),
+            resource_unref: sym!("virgl_renderer_resource_unref"),
+            transfer_write_iov: sym!("virgl_renderer_transfer_write_iov"),
+            transfer_read_iov: sym!("virgl_renderer_transfer_read_iov"),
+            context_create: sym!("virgl_renderer_context_create"),
+            context_create_with_flags: sym!("virgl_renderer_context_create_with_flags"),
+            context_destroy: sym!("virgl_renderer_context_destroy"),
+            ctx_attach_resource: sym!("virgl_renderer_ctx_attach_resource"),
+            ctx_detach_resource: sym!("virgl_renderer_ctx_detach_resource"),
+            submit_cmd: sym!("virgl_renderer_submit_cmd"),
+            create_fence: sym!("virgl_renderer_create_fence"),
+            context_create_fence: sym!("virgl_renderer_context_create_fence"),
+            poll: sym!("virgl_renderer_poll"),
+            resource_create_blob: sym!("virgl_renderer_resource_create_blob"),
+            resource_export_blob: sym!("virgl_renderer_resource_export_blob"),
+            resource_get_map_info: sym!("virgl_renderer_resource_get_map_info"),
+            cleanup: sym!("virgl_renderer_cleanup"),
+        })
+    }
+}
+
+/// The dynamic loader's last error, for a message.
+fn dl_error() -> String {
+    // SAFETY: FFI; dlerror returns NULL or a NUL-terminated string valid until the next
+    // dl call on this thread, copied at once.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        return format!("{}: cannot be loaded", SONAME.to_string_lossy());
+    }
+    // SAFETY: non-NULL, NUL-terminated (above).
+    unsafe { std::ffi::CStr::from_ptr(e) }
+        .to_string_lossy()
+        .into_owned()
+}
 
 /// Whether a [`Virgl`] exists in this process.
 static INITIALISED: AtomicBool = AtomicBool::new(false);
@@ -54,6 +191,9 @@ struct Cookie {
 /// Why virglrenderer refused.
 #[derive(Debug, thiserror::Error)]
 pub enum VirglError {
+    /// libvirglrenderer.so.1 could not be loaded (or lacks a function).
+    #[error("{0}")]
+    Load(String),
     /// Another instance lives in this process.
     #[error("virglrenderer is already initialised in this process")]
     AlreadyInitialised,
@@ -79,6 +219,7 @@ fn check(call: &'static str, status: i32) -> Result<(), VirglError> {
 
 /// Proof that virglrenderer is initialised in this process; cleans it up when dropped.
 pub struct Virgl {
+    lib: &'static Lib,
     cookie: Box<Cookie>,
     /// virglrenderer's state belongs to the thread that initialised it.
     _not_send: PhantomData<*mut ()>,
@@ -166,11 +307,12 @@ impl Virgl {
     /// without a GPU), or on `render_node` (GBM) when given; fences reported through the
     /// callbacks.
     pub fn init(render_node: Option<OwnedFd>) -> Result<Self, VirglError> {
+        let lib = Lib::get()?;
         if INITIALISED.swap(true, Ordering::SeqCst) {
             return Err(VirglError::AlreadyInitialised);
         }
         // SAFETY: the callback only formats into a local buffer and logs.
-        unsafe { sys::virgl_set_debug_callback(Some(debug_message)) };
+        unsafe { (lib.set_debug_callback)(Some(debug_message)) };
         let display = if render_node.is_some() {
             0
         } else {
@@ -198,14 +340,13 @@ impl Virgl {
         // SAFETY: the cookie is a live heap object owned by the returned `Virgl` (cleanup
         // runs before it is freed), the callbacks are leaked (never freed), and the guard
         // above makes this the only initialisation in the process.
-        let rc = unsafe {
-            sys::virgl_renderer_init(&*cookie as *const Cookie as *mut c_void, flags, callbacks)
-        };
+        let rc = unsafe { (lib.init)(&*cookie as *const Cookie as *mut c_void, flags, callbacks) };
         if rc != 0 {
             INITIALISED.store(false, Ordering::SeqCst);
             return Err(VirglError::Init(rc));
         }
         Ok(Virgl {
+            lib,
             cookie,
             _not_send: PhantomData,
         })
@@ -215,7 +356,7 @@ impl Virgl {
     pub fn capset_info(&self, id: u32) -> (u32, u32) {
         let (mut version, mut size) = (0u32, 0u32);
         // SAFETY: two valid out-pointers.
-        unsafe { sys::virgl_renderer_get_cap_set(id, &mut version, &mut size) };
+        unsafe { (self.lib.get_cap_set)(id, &mut version, &mut size) };
         (version, size)
     }
 
@@ -223,7 +364,7 @@ impl Virgl {
     pub fn fill_caps(&self, id: u32, version: u32, out: &mut [u8]) {
         // SAFETY: `out` is as large as virglrenderer said the capset is (the caller sized
         // it from `capset_info`), so the library writes inside it.
-        unsafe { sys::virgl_renderer_fill_caps(id, version, out.as_mut_ptr().cast()) };
+        unsafe { (self.lib.fill_caps)(id, version, out.as_mut_ptr().cast()) };
     }
 
     /// virgl_renderer_resource_create without backing.
@@ -233,7 +374,7 @@ impl Virgl {
     ) -> Result<(), VirglError> {
         // SAFETY: `args` is a valid struct; no iovecs are passed.
         check("virgl_renderer_resource_create", unsafe {
-            sys::virgl_renderer_resource_create(args, std::ptr::null_mut(), 0)
+            (self.lib.resource_create)(args, std::ptr::null_mut(), 0)
         })
     }
 
@@ -250,7 +391,7 @@ impl Virgl {
     ) -> Result<(), VirglError> {
         // SAFETY: the caller keeps the array alive, as documented; the length matches it.
         check("virgl_renderer_resource_attach_iov", unsafe {
-            sys::virgl_renderer_resource_attach_iov(
+            (self.lib.resource_attach_iov)(
                 handle as i32,
                 iovecs.as_mut_ptr().cast(),
                 iovecs.len() as i32,
@@ -263,13 +404,13 @@ impl Virgl {
         let mut iov: *mut sys::iovec = std::ptr::null_mut();
         let mut n: i32 = 0;
         // SAFETY: two valid out-pointers; the returned array is the caller's own.
-        unsafe { sys::virgl_renderer_resource_detach_iov(handle as i32, &mut iov, &mut n) };
+        unsafe { (self.lib.resource_detach_iov)(handle as i32, &mut iov, &mut n) };
     }
 
     /// Drops a resource (its backing must have been detached).
     pub fn resource_unref(&self, handle: u32) {
         // SAFETY: a plain handle; an unknown one is ignored by the library.
-        unsafe { sys::virgl_renderer_resource_unref(handle) };
+        unsafe { (self.lib.resource_unref)(handle) };
     }
 
     /// Copies `bbox` from the attached backing (at `offset`) into the resource.
@@ -288,7 +429,7 @@ impl Virgl {
         // SAFETY: no iovec is passed, so the library uses the attached backing, whose
         // bounds it checks against `offset`, the box and the strides.
         check("virgl_renderer_transfer_write_iov", unsafe {
-            sys::virgl_renderer_transfer_write_iov(
+            (self.lib.transfer_write_iov)(
                 handle,
                 ctx_id,
                 level as i32,
@@ -328,7 +469,7 @@ impl Virgl {
         // SAFETY: `iov`, when given, describes `dst`, which outlives the call; the library
         // checks the box, strides and offset against it (or the attached backing).
         check("virgl_renderer_transfer_read_iov", unsafe {
-            sys::virgl_renderer_transfer_read_iov(
+            (self.lib.transfer_read_iov)(
                 handle,
                 ctx_id,
                 level,
@@ -348,12 +489,12 @@ impl Virgl {
         if capset == 0 {
             // SAFETY: as below.
             return check("virgl_renderer_context_create", unsafe {
-                sys::virgl_renderer_context_create(ctx_id, name.len() as u32, name.as_ptr().cast())
+                (self.lib.context_create)(ctx_id, name.len() as u32, name.as_ptr().cast())
             });
         }
         // SAFETY: `name` is valid for its length (no NUL needed: the length is passed).
         check("virgl_renderer_context_create_with_flags", unsafe {
-            sys::virgl_renderer_context_create_with_flags(
+            (self.lib.context_create_with_flags)(
                 ctx_id,
                 capset,
                 name.len() as u32,
@@ -365,19 +506,19 @@ impl Virgl {
     /// Destroys a context.
     pub fn context_destroy(&self, ctx_id: u32) {
         // SAFETY: a plain handle.
-        unsafe { sys::virgl_renderer_context_destroy(ctx_id) };
+        unsafe { (self.lib.context_destroy)(ctx_id) };
     }
 
     /// CTX_ATTACH_RESOURCE.
     pub fn ctx_attach_resource(&self, ctx_id: u32, handle: u32) {
         // SAFETY: plain handles; unknown ones are ignored by the library.
-        unsafe { sys::virgl_renderer_ctx_attach_resource(ctx_id as i32, handle as i32) };
+        unsafe { (self.lib.ctx_attach_resource)(ctx_id as i32, handle as i32) };
     }
 
     /// CTX_DETACH_RESOURCE.
     pub fn ctx_detach_resource(&self, ctx_id: u32, handle: u32) {
         // SAFETY: plain handles; unknown ones are ignored by the library.
-        unsafe { sys::virgl_renderer_ctx_detach_resource(ctx_id as i32, handle as i32) };
+        unsafe { (self.lib.ctx_detach_resource)(ctx_id as i32, handle as i32) };
     }
 
     /// Executes a command stream of whole dwords in context `ctx_id`.
@@ -386,7 +527,7 @@ impl Virgl {
         // SAFETY: the library reads `ndw` dwords from the buffer, which holds at least
         // that many bytes.
         check("virgl_renderer_submit_cmd", unsafe {
-            sys::virgl_renderer_submit_cmd(commands.as_mut_ptr().cast(), ctx_id as i32, ndw)
+            (self.lib.submit_cmd)(commands.as_mut_ptr().cast(), ctx_id as i32, ndw)
         })
     }
 
@@ -394,7 +535,7 @@ impl Virgl {
     pub fn create_fence(&self, id: u32) -> Result<(), VirglError> {
         // SAFETY: integer arguments only.
         check("virgl_renderer_create_fence", unsafe {
-            sys::virgl_renderer_create_fence(id as i32, 0)
+            (self.lib.create_fence)(id as i32, 0)
         })
     }
 
@@ -407,14 +548,14 @@ impl Virgl {
     ) -> Result<(), VirglError> {
         // SAFETY: integer arguments only.
         check("virgl_renderer_context_create_fence", unsafe {
-            sys::virgl_renderer_context_create_fence(ctx_id, 0, ring_idx, fence_id)
+            (self.lib.context_create_fence)(ctx_id, 0, ring_idx, fence_id)
         })
     }
 
     /// Lets virglrenderer retire finished work and returns the fences it reported.
     pub fn poll(&self) -> Vec<Signaled> {
         // SAFETY: no arguments; callbacks run on this thread, into `self.cookie`.
-        unsafe { sys::virgl_renderer_poll() };
+        unsafe { (self.lib.poll)() };
         std::mem::take(&mut *self.cookie.signaled.borrow_mut())
     }
 
@@ -428,7 +569,7 @@ impl Virgl {
     ) -> Result<(), VirglError> {
         // SAFETY: the caller keeps the iovecs alive, as documented.
         check("virgl_renderer_resource_create_blob", unsafe {
-            sys::virgl_renderer_resource_create_blob(args)
+            (self.lib.resource_create_blob)(args)
         })
     }
 
@@ -437,7 +578,7 @@ impl Virgl {
         let (mut kind, mut fd) = (0u32, -1i32);
         // SAFETY: two valid out-pointers.
         check("virgl_renderer_resource_export_blob", unsafe {
-            sys::virgl_renderer_resource_export_blob(handle, &mut kind, &mut fd)
+            (self.lib.resource_export_blob)(handle, &mut kind, &mut fd)
         })?;
         if fd < 0 {
             return Err(VirglError::Call {
@@ -454,7 +595,7 @@ impl Virgl {
         let mut info = 0u32;
         // SAFETY: a valid out-pointer.
         check("virgl_renderer_resource_get_map_info", unsafe {
-            sys::virgl_renderer_resource_get_map_info(handle, &mut info)
+            (self.lib.resource_get_map_info)(handle, &mut info)
         })?;
         Ok(info)
     }
@@ -463,7 +604,7 @@ impl Virgl {
 impl Drop for Virgl {
     fn drop(&mut self) {
         // SAFETY: the cookie passed at init; after this the library calls nothing of ours.
-        unsafe { sys::virgl_renderer_cleanup(&*self.cookie as *const Cookie as *mut c_void) };
+        unsafe { (self.lib.cleanup)(&*self.cookie as *const Cookie as *mut c_void) };
         INITIALISED.store(false, Ordering::SeqCst);
     }
 }
