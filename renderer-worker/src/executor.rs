@@ -36,6 +36,8 @@ const BACKING_SLACK: u64 = 1 << 20;
 /// How often pending fences of asynchronous work (virgl) are polled while no request
 /// arrives.
 const FENCE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+/// Most batches that arrive while one is handled and join its wake-up of the frontend.
+const MAX_COALESCED_BATCHES: usize = 16;
 
 /// Where a blob is in the renderer's half of the mapping state machine (the frontend owns
 /// the whole machine; this only makes sure each step comes once and in order).
@@ -199,7 +201,7 @@ impl<R: Renderer> Executor<R> {
             };
             match next {
                 Ok(batch) => {
-                    if let Err(e) = self.handle_batch(batch) {
+                    if let Err(e) = self.handle_batches(batch, requests) {
                         log::info!("frontend stopped listening ({e}); renderer stops");
                         return Ok(());
                     }
@@ -216,11 +218,38 @@ impl<R: Renderer> Executor<R> {
     /// Executes a batch in order, waking the frontend once for all its replies.
     pub fn handle_batch(&mut self, batch: RendererBatch) -> Result<(), SinkClosed> {
         self.events.hold();
-        let handled = batch
-            .into_iter()
-            .try_for_each(|request| self.handle(request));
+        let handled = self.handle_all(batch);
         let released = self.events.release();
         handled.and(released)
+    }
+
+    /// [`Executor::handle_batch`], then every batch that arrived meanwhile, under the same
+    /// wake-up of the frontend: a guest's TRANSFER and FLUSH often come in two kicks a few
+    /// microseconds apart, and their replies then cost the frontend one wake-up, not two.
+    fn handle_batches(
+        &mut self,
+        first: RendererBatch,
+        requests: &IpcReceiver<RendererBatch>,
+    ) -> Result<(), SinkClosed> {
+        self.events.hold();
+        let mut handled = self.handle_all(first);
+        // Bounded, so that a frontend that never pauses still hears the bell.
+        for _ in 0..MAX_COALESCED_BATCHES {
+            if handled.is_err() {
+                break;
+            }
+            // An error here (the channel closed) is the next blocking receive's to report.
+            let Ok(more) = requests.try_recv() else { break };
+            handled = self.handle_all(more);
+        }
+        let released = self.events.release();
+        handled.and(released)
+    }
+
+    fn handle_all(&mut self, batch: RendererBatch) -> Result<(), SinkClosed> {
+        batch
+            .into_iter()
+            .try_for_each(|request| self.handle(request))
     }
 
     /// Executes one request, sends its reply, then creates its fence.
