@@ -527,6 +527,17 @@ impl Control {
         Ok(())
     }
 
+    /// Sends a request whose outcome the frontend's own checks have decided already (an
+    /// unfenced command that needs no rollback), so that the guest can be answered now:
+    /// the renderer still executes it in order with everything else, so a later command
+    /// sees its effect, and a refusal in its reply is logged only.
+    pub(crate) fn request_decided(&mut self, op: RendererOp) -> Result<(), FrontendError> {
+        let current = self.current.take();
+        let sent = self.request(op, None, After::Nothing);
+        self.current = current;
+        sent
+    }
+
     pub(crate) fn drain_queue(&mut self, q: usize) -> Result<(), FrontendError> {
         let (Some(vring), Some(mem)) = (self.vrings[q].clone(), self.mem.clone()) else {
             return Ok(());

@@ -82,12 +82,7 @@ impl Control {
                 if let Err(code) = self.resources.detach_backing(resource_id) {
                     return Ok(Err(code));
                 }
-                self.request(
-                    RendererOp::DetachBacking { resource_id },
-                    fence,
-                    After::Nothing,
-                )?;
-                Ok(Ok(None))
+                self.request_or_answer(RendererOp::DetachBacking { resource_id }, fence)
             }
             Command::TransferToHost2d {
                 resource_id,
@@ -117,8 +112,7 @@ impl Control {
                     rect,
                     offset,
                 };
-                self.request(op, fence, After::Nothing)?;
-                Ok(Ok(None))
+                self.request_or_answer(op, fence)
             }
             Command::SetScanout {
                 scanout_id,
@@ -154,6 +148,18 @@ impl Control {
             | Command::ResourceUnmapBlob { .. }
             | Command::SetScanoutBlob { .. }) => self.blob_command(&req.hdr, cmd),
         }
+    }
+
+    /// A command the checks above decided: answered now when unfenced (pipelined with
+    /// the renderer, which executes it in order), after the renderer when fenced (a
+    /// fence promises the work is done).
+    fn request_or_answer(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Outcome {
+        if fence.is_some() {
+            self.request(op, fence, After::Nothing)?;
+            return Ok(Ok(None));
+        }
+        self.request_decided(op)?;
+        Ok(Ok(Some(Response::OkNodata)))
     }
 
     fn display_info(&mut self) -> Response {

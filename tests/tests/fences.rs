@@ -117,3 +117,59 @@ fn failing_fenced_command_still_echoes_its_fence() {
         .expect("GET_DISPLAY_INFO");
     assert_eq!((r.kind, r.fence_id), (resp::OK_DISPLAY_INFO, 6));
 }
+
+/// Pipelining (issue 9): an unfenced TRANSFER_TO_HOST_2D, fully decided by the frontend's
+/// own checks, is answered without waiting for the renderer (here stopped with SIGSTOP);
+/// a fenced one waits for it, and so does everything queued behind it; both are executed
+/// once the renderer runs again, in order.
+#[test]
+fn unfenced_transfers_are_answered_at_once_fenced_ones_wait_for_the_renderer() {
+    use nix::sys::signal::Signal;
+    use std::time::Duration;
+    use vgpu_tests::gpu::GpuError;
+    use vgpu_tests::stack::Role;
+
+    let (mut stack, mut vmm) = start(&[]);
+    let (w, h) = (64, 64);
+    resource_with(&mut vmm, 1, format::B8G8R8X8_UNORM, w, h, &image(w, h, 5));
+    let rect = Rect::new(0, 0, w, h);
+    let transfer = Command::TransferToHost2d {
+        resource_id: 1,
+        rect,
+        offset: 0,
+    };
+    let renderer = stack
+        .child_with_role(&Role::RendererWorker)
+        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", stack.processes()));
+    stack
+        .signal_process(&renderer, Signal::SIGSTOP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gpu = vmm.gpu();
+    let r = gpu
+        .execute(&transfer)
+        .unwrap_or_else(|e| panic!("an unfenced transfer waited for a stopped renderer: {e}"));
+    assert_eq!(r.kind, resp::OK_NODATA, "{}", r.kind_name());
+
+    let fenced = gpu.submit(&transfer, Some(9)).expect("submit fenced");
+    let timeout = gpu.timeout();
+    gpu.set_timeout(Duration::from_millis(500));
+    let behind = gpu
+        .submit(&Command::GetDisplayInfo, None)
+        .expect("submit GET_DISPLAY_INFO");
+    let r = gpu.wait(behind);
+    assert!(
+        matches!(r, Err(GpuError::Timeout { .. })),
+        "answered before the fenced transfer ahead of it: {r:?}"
+    );
+    stack
+        .signal_process(&renderer, Signal::SIGCONT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gpu = vmm.gpu();
+    gpu.set_timeout(timeout);
+    let r = gpu
+        .wait(fenced)
+        .unwrap_or_else(|e| panic!("fenced transfer: {e}"));
+    assert_eq!(r.kind, resp::OK_NODATA, "{}", r.kind_name());
+    assert_ne!(r.flags & FLAG_FENCE, 0, "fence flag echoed");
+    common::still_works(&mut vmm, "a stopped and resumed renderer");
+}
