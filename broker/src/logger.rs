@@ -235,8 +235,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_event_is_one_prefixed_line() {
+    /// What `events` log through a [`Line`] with the test prefix.
+    fn render(syslog: bool, events: impl FnOnce()) -> String {
         let out = Captured::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -244,14 +244,20 @@ mod tests {
             .event_format(Line {
                 prefix: "vgpu-sandbox[vm1 broker 7]: ".into(),
                 colour: false,
-                syslog: false,
+                syslog,
             })
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, events);
+        let text = out.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn one_event_is_one_prefixed_line() {
+        let text = render(false, || {
             tracing::warn!("first\nsecond\r");
             tracing::info!(answer = 42, "with a field");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
             text,
             "vgpu-sandbox[vm1 broker 7]: WARN first\\nsecond\\r\n\
@@ -261,22 +267,11 @@ mod tests {
 
     #[test]
     fn a_syslog_line_starts_with_its_daemon_priority() {
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .event_format(Line {
-                prefix: "vgpu-sandbox[vm1 broker 7]: ".into(),
-                colour: false,
-                syslog: true,
-            })
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = render(true, || {
             tracing::error!("e");
             tracing::warn!("w");
             tracing::info!("i");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
             text,
             "<27>vgpu-sandbox[vm1 broker 7]: ERROR e\n\

@@ -460,6 +460,16 @@ impl Stack {
         }
     }
 
+    /// The live child with this role; panics, listing the processes, unless there is
+    /// exactly one.
+    #[track_caller]
+    pub fn expect_child(&mut self, role: &Role) -> ProcessInfo {
+        match self.child_with_role(role) {
+            Some(p) => p,
+            None => panic!("no single {role} among {:#?}", self.processes()),
+        }
+    }
+
     /// Every process ever seen as part of this stack (broker excluded).
     pub fn known_children(&self) -> &[ProcessInfo] {
         &self.known

@@ -491,9 +491,7 @@ fn a_shown_guest_blob_survives_a_renderer_restart() {
             .set_scanout_blob(0, 1, full(), fb(format::B8G8R8X8_UNORM)),
     );
     wait_update_rect(&vmm, full());
-    let renderer = stack
-        .child_with_role(&vgpu_tests::stack::Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", stack.processes()));
+    let renderer = stack.expect_child(&vgpu_tests::stack::Role::RendererWorker);
     // The guest draws while the renderer is gone; the rebuilt scanout shows it.
     let second = blob_bytes(6);
     vmm.memory().write(addr, &second).unwrap();

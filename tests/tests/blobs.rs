@@ -59,17 +59,7 @@ fn start() -> Fx {
 
 /// Connects a hostmem-enabled test VMM to `stack` and initialises a cross-domain context.
 fn connect(stack: Stack) -> Fx {
-    let opts = VmmOptions {
-        hostmem: Some(HOSTMEM),
-        reset_device: true,
-        ..VmmOptions::default()
-    };
-    let mut vmm = stack.connect_with(&opts).unwrap_or_else(|e| {
-        panic!(
-            "test VMM set-up with hostmem failed: {e}\nvgpu-sandbox output:\n{}",
-            stack.log_text()
-        )
-    });
+    let mut vmm = common::connect_hostmem(&stack, HOSTMEM);
     for (bit, name) in [
         (F_RESOURCE_BLOB, "VIRTIO_GPU_F_RESOURCE_BLOB"),
         (F_CONTEXT_INIT, "VIRTIO_GPU_F_CONTEXT_INIT"),
@@ -654,10 +644,7 @@ fn a_vmm_gone_with_a_blob_mapped_leaves_a_fresh_device_for_the_next() {
 /// SIGKILLs the renderer-worker and waits (bounded) until the frontend has linked the
 /// replacement the broker started.
 fn kill_renderer(fx: &mut Fx) {
-    let old = fx
-        .stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", fx.stack.processes()));
+    let old = fx.stack.expect_child(&Role::RendererWorker);
     fx.stack
         .signal_process(&old, Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -877,9 +864,7 @@ fn renderer_killed_at_random_points_of_map_unmap_cycles_leaks_nothing() {
                 );
                 std::thread::yield_now();
             }
-            let old = stack
-                .child_with_role(&Role::RendererWorker)
-                .unwrap_or_else(|| panic!("no single renderer-worker"));
+            let old = stack.expect_child(&Role::RendererWorker);
             stack
                 .signal_process(&old, Signal::SIGKILL)
                 .unwrap_or_else(|e| panic!("{e}"));

@@ -138,9 +138,7 @@ fn unfenced_transfers_are_answered_at_once_fenced_ones_wait_for_the_renderer() {
         rect,
         offset: 0,
     };
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker: {:#?}", stack.processes()));
+    let renderer = stack.expect_child(&Role::RendererWorker);
     stack
         .signal_process(&renderer, Signal::SIGSTOP)
         .unwrap_or_else(|e| panic!("{e}"));

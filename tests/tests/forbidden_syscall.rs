@@ -108,12 +108,8 @@ fn run_with_hook_in(
     role: &Role,
 ) -> (Stack, vgpu_tests::ProcessInfo, vgpu_tests::ProcessInfo) {
     let mut stack = start_with_hook(bin, which, args);
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
-    let frontend = stack
-        .child_with_role(&Role::DeviceFrontend)
-        .unwrap_or_else(|| panic!("no single device-frontend among {:#?}", stack.processes()));
+    let renderer = stack.expect_child(&Role::RendererWorker);
+    let frontend = stack.expect_child(&Role::DeviceFrontend);
     let mut vmm = stack
         .connect()
         .unwrap_or_else(|e| panic!("test VMM set-up failed: {e}\n{}", stack.log_text()));
@@ -243,9 +239,7 @@ fn trap_mode_names_execve() {
 #[test]
 fn renderer_killed_by_sigsys_mid_command_is_replaced_and_the_device_serves_on() {
     let mut stack = start_with_hook(test_hooks_binary(), "open", &[]);
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let renderer = stack.expect_child(&Role::RendererWorker);
     let mut vmm = stack
         .connect()
         .unwrap_or_else(|e| panic!("test VMM set-up failed: {e}\n{}", stack.log_text()));

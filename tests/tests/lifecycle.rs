@@ -158,12 +158,8 @@ fn status_field(pid: i32, key: &str) -> Option<String> {
 #[test]
 fn broker_killed_with_sigkill_takes_both_children_with_it() {
     let (mut stack, vmm) = start(&[]);
-    let frontend = stack
-        .child_with_role(&Role::DeviceFrontend)
-        .unwrap_or_else(|| panic!("no single device-frontend among {:#?}", stack.processes()));
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let frontend = stack.expect_child(&Role::DeviceFrontend);
+    let renderer = stack.expect_child(&Role::RendererWorker);
     stack
         .signal(Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -279,12 +275,8 @@ fn unix_sockets(pid: i32) -> Vec<(u64, bool, String)> {
 fn renderer_holds_neither_the_listener_nor_the_vmm_connection() {
     let mut stack =
         vgpu_tests::Stack::start(&["--output", "320x200"]).unwrap_or_else(|e| panic!("{e}"));
-    let frontend = stack
-        .child_with_role(&Role::DeviceFrontend)
-        .unwrap_or_else(|| panic!("no single device-frontend among {:#?}", stack.processes()));
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let frontend = stack.expect_child(&Role::DeviceFrontend);
+    let renderer = stack.expect_child(&Role::RendererWorker);
     let fe_sockets = socket_inodes(frontend.pid);
     let listener = fe_sockets
         .iter()
@@ -538,9 +530,7 @@ fn renderer_killed_mid_stream_fails_the_broker_naming_it() {
             ),
         }
     }
-    let renderer = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let renderer = stack.expect_child(&Role::RendererWorker);
     stack
         .signal_process(&renderer, Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));

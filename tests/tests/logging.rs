@@ -81,9 +81,7 @@ fn run_until_disconnect(mut stack: Stack, restart: bool) -> Vec<String> {
         &image(32, 32, 5),
     );
     if restart {
-        let renderer = stack
-            .child_with_role(&Role::RendererWorker)
-            .unwrap_or_else(|| panic!("no single renderer among {:#?}", stack.processes()));
+        let renderer = stack.expect_child(&Role::RendererWorker);
         stack
             .signal_process(&renderer, Signal::SIGKILL)
             .unwrap_or_else(|e| panic!("{e}"));

@@ -20,7 +20,7 @@ use vgpu_tests::backend_req::BackendRequests;
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
 use vgpu_tests::gpu::{blob, format, resp, BlobParams, Command as Gpu};
 use vgpu_tests::stack::{default_binary, Role};
-use vgpu_tests::{Stack, TestVmm, VmmOptions};
+use vgpu_tests::{Stack, TestVmm};
 
 /// Bound on waiting for the file to show something: a few of the broker's 2 s periods.
 const WAIT: Duration = Duration::from_secs(15);
@@ -375,9 +375,7 @@ fn renderer_restarts_are_counted() {
         vmm.gpu()
             .resource_create_2d(1, format::B8G8R8X8_UNORM, 16, 16),
     );
-    let old = stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()));
+    let old = stack.expect_child(&Role::RendererWorker);
     stack
         .signal_process(&old, Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -485,17 +483,7 @@ fn context_and_blob(vmm: &mut TestVmm) {
 fn map_and_unmap_latencies_are_counted() {
     let (_dir, path) = metrics_path();
     let stack = start(&path, &["--hostmem", "64M"]);
-    let opts = VmmOptions {
-        hostmem: Some(HOSTMEM),
-        reset_device: true,
-        ..VmmOptions::default()
-    };
-    let mut vmm = stack.connect_with(&opts).unwrap_or_else(|e| {
-        panic!(
-            "test VMM set-up with hostmem failed: {e}\nvgpu-sandbox output:\n{}",
-            stack.log_text()
-        )
-    });
+    let mut vmm = common::connect_hostmem(&stack, HOSTMEM);
     let reqs: Arc<BackendRequests> = vmm.backend_requests().expect("backend requests").clone();
     context_and_blob(&mut vmm);
     expect(

@@ -23,9 +23,7 @@ const W: u32 = 320;
 const H: u32 = 200;
 
 fn renderer(stack: &mut Stack) -> ProcessInfo {
-    stack
-        .child_with_role(&Role::RendererWorker)
-        .unwrap_or_else(|| panic!("no single renderer-worker among {:#?}", stack.processes()))
+    stack.expect_child(&Role::RendererWorker)
 }
 
 /// SIGKILLs the renderer and waits (bounded) for the broker to report its replacement.

@@ -198,3 +198,19 @@ pub fn cross_domain_context(vmm: &mut TestVmm, ctx: u32, ring: u32) -> u64 {
     );
     ring_addr
 }
+
+/// Connects a test VMM that offers a hostmem window of `hostmem` bytes (and resets the
+/// device on the way, as a guest driver does); panics with the stack's log on failure.
+pub fn connect_hostmem(stack: &Stack, hostmem: u64) -> TestVmm {
+    let opts = vgpu_tests::VmmOptions {
+        hostmem: Some(hostmem),
+        reset_device: true,
+        ..vgpu_tests::VmmOptions::default()
+    };
+    stack.connect_with(&opts).unwrap_or_else(|e| {
+        panic!(
+            "test VMM set-up with hostmem failed: {e}\nvgpu-sandbox output:\n{}",
+            stack.log_text()
+        )
+    })
+}
