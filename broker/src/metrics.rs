@@ -2,9 +2,10 @@
 //! node_exporter's textfile collector, without opening any network port.
 //!
 //! The counters live in the device-frontend, which has no file system: it sends a
-//! snapshot every [`PERIOD`] on its status channel (`device-frontend/src/metrics.rs`), and
-//! the broker's thread that receives it writes the file, adding what only the broker knows
-//! (renderer restarts). The jailed broker cannot open a path: the file's directory is
+//! snapshot every [`PERIOD`] on its status channel (`device-frontend/src/metrics.rs`); the
+//! broker's thread that receives it hands it to a writer thread of its own (so a slow disk
+//! never backs up into the frontend's sends), which writes the file, adding what only the
+//! broker knows (renderer restarts). The jailed broker cannot open a path: the file's directory is
 //! opened at start (`O_PATH`), and its filter allows exactly one `openat`, relative to
 //! that directory and with [`policy::METRICS_OPEN_FLAGS`], and `renameat` within it
 //! (`policy/src/seccomp/broker.rs`). Each write goes to `.NAME.tmp` and is renamed over
@@ -17,7 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::OFlag;
@@ -46,10 +47,16 @@ pub struct MetricsFile {
     /// Renderer-workers replaced so far (bumped by the supervisor thread).
     renderer_restarts: Arc<AtomicU64>,
     state: Mutex<State>,
+    /// Tells the writer thread a snapshot came (or the file was removed).
+    wake: Condvar,
+    /// Held across a write and across the removal, so a write never brings the file back.
+    io: Mutex<()>,
 }
 
 struct State {
     last: MetricsSnapshot,
+    /// `last` has not been written yet.
+    fresh: bool,
     /// Removed on the way out: a snapshot still in flight must not bring it back.
     removed: bool,
     /// The last write failed (logged once until one succeeds again).
@@ -101,8 +108,11 @@ impl MetricsFile {
             tmp: cstring(&tmp)?,
             vm_label: format!("vm=\"{}\"", escape_label(OsStr::new(vm))),
             renderer_restarts,
+            wake: Condvar::new(),
+            io: Mutex::new(()),
             state: Mutex::new(State {
                 last,
+                fresh: false,
                 removed: false,
                 failing: false,
                 written: None,
@@ -126,52 +136,100 @@ impl MetricsFile {
         self.dir.as_raw_fd()
     }
 
-    /// Writes `snapshot` (the frontend's latest). The snapshot holds only numbers, and
-    /// every name and label is the broker's own, so a frontend taken over can make the
-    /// file lie but not break its format; it also cannot make the broker write more
-    /// than once per [`MIN_INTERVAL`] (a snapshot that comes sooner waits for the next).
+    /// Takes `snapshot` (the frontend's latest) for the writer thread. Never waits for the
+    /// disk: the frontend's status messages are received here, and a receiver stuck on a
+    /// hung file system would in time block the frontend's sends, and its virtqueues. The
+    /// snapshot holds only numbers, and every name and label is the broker's own, so a
+    /// frontend taken over can make the file lie but not break its format; it also cannot
+    /// make the broker write more than once per [`MIN_INTERVAL`].
     pub fn update(&self, snapshot: MetricsSnapshot) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         state.last = snapshot;
-        if state.written.is_some_and(|t| t.elapsed() < MIN_INTERVAL) {
-            return;
+        state.fresh = true;
+        self.wake.notify_one();
+    }
+
+    /// Starts the thread that writes what [`MetricsFile::update`] took, at most once per
+    /// [`MIN_INTERVAL`], until the file is removed.
+    pub fn start_writer(self: &Arc<Self>) -> Result<(), String> {
+        let file = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || file.write_loop())
+            .map(|_| ())
+            .map_err(|e| format!("--metrics-file {}: starting its writer: {e}", self.path))
+    }
+
+    fn write_loop(&self) {
+        loop {
+            let snapshot = {
+                let Ok(mut state) = self.state.lock() else {
+                    return;
+                };
+                loop {
+                    if state.removed {
+                        return;
+                    }
+                    let wait = state
+                        .written
+                        .map_or(Duration::ZERO, |t| MIN_INTERVAL.saturating_sub(t.elapsed()));
+                    state = match (state.fresh, wait.is_zero()) {
+                        (true, true) => break,
+                        (true, false) => match self.wake.wait_timeout(state, wait) {
+                            Ok((s, _)) => s,
+                            Err(_) => return,
+                        },
+                        (false, _) => match self.wake.wait(state) {
+                            Ok(s) => s,
+                            Err(_) => return,
+                        },
+                    };
+                }
+                state.fresh = false;
+                state.written = Some(Instant::now());
+                state.last.clone()
+            };
+            let Ok(_io) = self.io.lock() else {
+                return;
+            };
+            if self.state.lock().map_or(true, |s| s.removed) {
+                return;
+            }
+            let result = self.write(&snapshot);
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            match result {
+                Ok(()) if state.failing => {
+                    state.failing = false;
+                    log::info!("--metrics-file {}: written again", self.path);
+                }
+                Ok(()) => {}
+                Err(e) if !state.failing => {
+                    state.failing = true;
+                    log::warn!("--metrics-file {}: not written: {}", self.path, e.desc());
+                }
+                Err(_) => {}
+            }
         }
-        state.written = Some(Instant::now());
-        self.rewrite(&mut state);
     }
 
     /// Removes the file (the device is gone: node_exporter should stop exporting it).
     pub fn remove(&self) {
+        let _io = self.io.lock();
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         state.removed = true;
+        self.wake.notify_one();
         for name in [&self.name, &self.tmp] {
             let _ = nix::unistd::unlinkat(
                 &self.dir,
                 name.as_c_str(),
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             );
-        }
-    }
-
-    fn rewrite(&self, state: &mut State) {
-        if state.removed {
-            return;
-        }
-        match self.write(&state.last) {
-            Ok(()) if state.failing => {
-                state.failing = false;
-                log::info!("--metrics-file {}: written again", self.path);
-            }
-            Ok(()) => {}
-            Err(e) if !state.failing => {
-                state.failing = true;
-                log::warn!("--metrics-file {}: not written: {}", self.path, e.desc());
-            }
-            Err(_) => {}
         }
     }
 

@@ -85,6 +85,9 @@ pub fn serve(args: ServeArgs) -> Result<i32, String> {
         None => None,
     };
     let _metrics_file = MetricsGuard(metrics.clone());
+    if let Some(file) = &metrics {
+        file.start_writer()?;
+    }
     if let Some(mode) = args.seccomp.as_deref().filter(|m| *m != "kill") {
         log::warn!(
             "--seccomp {mode}: violations do not kill the children; for debugging a policy only"
