@@ -113,6 +113,30 @@ pub struct ProcessInfo {
     pub state: char,
 }
 
+/// Makes `fd` (of this process) appear as descriptor `at`, without FD_CLOEXEC, in the
+/// child that `cmd` starts (how a manager hands a backend a socket: `--fd`, QEMU's
+/// `-chardev socket,fd=N`). `fd` must stay open until the child has been spawned.
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: std::os::fd::RawFd, at: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (dup2, fcntl) on descriptor numbers; it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == at {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it explicitly.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, at) < 0 {
+                // The descriptor dup2 creates has FD_CLOEXEC cleared.
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Reads /proc/<pid>/stat: (state, ppid, starttime).
 fn read_stat(pid: i32) -> Option<(char, i32, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

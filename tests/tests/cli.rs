@@ -154,26 +154,9 @@ fn bin() -> Command {
     Command::new(default_binary().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// Makes `fd` (of this process) appear as [`INHERITED_FD`], without FD_CLOEXEC, in the
-/// child that `cmd` starts.
+/// Makes `fd` (of this process) appear as [`INHERITED_FD`] in the child `cmd` starts.
 fn inherit_as_fixed_fd(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (dup2, fcntl) on fd numbers; it allocates nothing.
-    // `fd` stays open in the parent until the child has been spawned (the caller owns it).
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == INHERITED_FD {
-                // dup2 onto itself keeps FD_CLOEXEC: clear it explicitly.
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, INHERITED_FD) < 0 {
-                // The new descriptor dup2 creates has FD_CLOEXEC cleared.
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    vgpu_tests::stack::inherit_fd(cmd, fd, INHERITED_FD);
 }
 
 /// A failure run: non-zero exit (not a signal), exactly one non-empty line on stderr and no

@@ -140,6 +140,21 @@ fn qemu_guest_sees_virgl_and_still_draws_2d() {
     );
 }
 
+/// Connected as libvirt connects them: our backend gets one end of a socketpair with
+/// `--fd`, QEMU the other as `-chardev socket,fd=N` (the broker relays the vhost-user
+/// messages to its frontend); the guest draws its three frames exactly, and QEMU's exit
+/// ends the backend with 0.
+#[test]
+fn qemu_guest_draws_through_a_connected_fd_as_libvirt_passes_it() {
+    boot(BootSpec {
+        name: "vgpu-sandbox --fd (socketpair)".into(),
+        backend: BackendSpec::OursConnected(Vec::new()),
+        mode: (1280, 800),
+        expect_edid: true,
+        ending: Ending::GuestPowerOff,
+    });
+}
+
 /// The control: QEMU's own vhost-user-gpu backend, same guest, same checks.
 #[test]
 fn qemu_guest_reference_backend_control() {

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -33,9 +33,17 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum BackendSpec {
     /// The `vgpu-sandbox` binary with `--socket-path <tmp>` and these extra options.
     Ours(Vec<String>),
+    /// The `vgpu-sandbox` binary with `--fd` naming one end of a socketpair whose other
+    /// end QEMU gets as `-chardev socket,fd=N`, as libvirt connects them, and these options.
+    OursConnected(Vec<String>),
     /// QEMU's `/usr/lib/qemu/vhost-user-gpu --socket-path <tmp>`.
     Reference,
 }
+
+/// The descriptor number our backend gets its end of the socketpair at.
+const BACKEND_FD: i32 = 7;
+/// The descriptor number QEMU gets its end at.
+const QEMU_FD: i32 = 3;
 
 /// How the boot ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +211,17 @@ pub fn qemu_args(
     vgpu_socket: &Path,
     qmp_socket: &Path,
 ) -> Vec<String> {
+    let chardev = format!("socket,id=vgpu,path={}", vgpu_socket.to_string_lossy());
+    qemu_args_with_chardev(kernel, initrd, &chardev, qmp_socket)
+}
+
+/// [`qemu_args`] with the vhost-user chardev spelt out (`socket,id=vgpu,...`).
+fn qemu_args_with_chardev(
+    kernel: &Path,
+    initrd: &Path,
+    chardev: &str,
+    qmp_socket: &Path,
+) -> Vec<String> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
     [
         "-nodefaults",
@@ -216,7 +235,7 @@ pub fn qemu_args(
         "-numa",
         "node,memdev=mem",
         "-chardev",
-        &format!("socket,id=vgpu,path={}", s(vgpu_socket)),
+        chardev,
         "-device",
         "vhost-user-gpu-pci,chardev=vgpu",
         "-display",
@@ -496,27 +515,61 @@ pub fn run_boot(env: &QemuEnv, spec: &BootSpec) -> Result<BootReport, String> {
         .prefix("vgpu-qemu")
         .tempdir()
         .map_err(|e| format!("tempdir: {e}"))?;
-    let (backend, socket) = match &spec.backend {
+    let (backend, chardev, qemu_end) = match &spec.backend {
         BackendSpec::Ours(args) => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let stack = Stack::start(&args).map_err(|e| format!("starting vgpu-sandbox: {e}"))?;
-            let socket = stack.socket_path().to_path_buf();
-            (Running::Ours(stack), socket)
+            let socket = stack.socket_path().to_string_lossy().into_owned();
+            (
+                Running::Ours(stack),
+                format!("socket,id=vgpu,path={socket}"),
+                None,
+            )
+        }
+        BackendSpec::OursConnected(args) => {
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+            let mut cmd = Command::new(
+                crate::stack::default_binary().map_err(|e| format!("vgpu-sandbox: {e}"))?,
+            );
+            cmd.arg("--fd").arg(BACKEND_FD.to_string()).args(args);
+            crate::stack::inherit_fd(&mut cmd, ours.as_raw_fd(), BACKEND_FD);
+            let stack_dir = tempfile::Builder::new()
+                .prefix("vgpu-qemu-fd")
+                .tempdir()
+                .map_err(|e| format!("tempdir: {e}"))?;
+            // Never connected to: QEMU talks on the socketpair.
+            let unused = stack_dir.path().join("unused.sock");
+            let stack = Stack::start_command(cmd, stack_dir, unused, true)
+                .map_err(|e| format!("starting vgpu-sandbox --fd {BACKEND_FD}: {e}"))?;
+            drop(ours);
+            (
+                Running::Ours(stack),
+                format!("socket,id=vgpu,fd={QEMU_FD}"),
+                Some(theirs),
+            )
         }
         BackendSpec::Reference => {
             let socket = dir.path().join("reference.sock");
-            (Running::Reference(start_reference(&socket)?), socket)
+            let chardev = format!("socket,id=vgpu,path={}", socket.to_string_lossy());
+            (Running::Reference(start_reference(&socket)?), chardev, None)
         }
     };
     let qmp_path = dir.path().join("qmp.sock");
-    let args = qemu_args(&env.kernel.vmlinuz, &env.initramfs, &socket, &qmp_path);
-    let mut child = Command::new(&env.qemu)
+    let args = qemu_args_with_chardev(&env.kernel.vmlinuz, &env.initramfs, &chardev, &qmp_path);
+    let mut qemu = Command::new(&env.qemu);
+    if let Some(end) = &qemu_end {
+        crate::stack::inherit_fd(&mut qemu, end.as_raw_fd(), QEMU_FD);
+    }
+    let mut child = qemu
         .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", env.qemu.display()))?;
+    // QEMU holds its end now: ours must see it close when QEMU goes.
+    drop(qemu_end);
     let serial = Lines::new(&format!("{} guest", spec.name));
     let stderr = Lines::new(&format!("{} qemu", spec.name));
     if let Some(o) = child.stdout.take() {
