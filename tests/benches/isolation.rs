@@ -56,11 +56,15 @@ pub type BenchResult<T> = Result<T, String>;
 enum Kind {
     Ours,
     Reference,
+    /// Another backend, e.g. rust-vmm's vhost-device-gpu (`VGPU_PEER_BACKEND`).
+    Peer,
 }
 
 struct Backend {
     kind: Kind,
     bin: PathBuf,
+    /// Options after `--socket-path X` (the peer's).
+    args: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +171,7 @@ fn our_backend(o: &Options) -> BenchResult<Backend> {
     Ok(Backend {
         kind: Kind::Ours,
         bin,
+        args: Vec::new(),
     })
 }
 
@@ -176,6 +181,26 @@ fn reference_backend() -> Option<Backend> {
     Some(Backend {
         kind: Kind::Reference,
         bin: reference_binary()?,
+        args: Vec::new(),
+    })
+}
+
+/// A third backend to compare with, where one is built: `VGPU_PEER_BACKEND` (a binary
+/// taking `--socket-path`) with `VGPU_PEER_ARGS` (default `--gpu-mode virglrenderer`, for
+/// rust-vmm's vhost-device-gpu 0.1, which needs a virglrenderer >= 1.0 to build: see
+/// docs/BENCHMARKS.md). It may send a whole frame for any flush; its damage round trips
+/// accept an UPDATE that contains the damage.
+fn peer_backend() -> Option<Backend> {
+    let bin = PathBuf::from(std::env::var_os("VGPU_PEER_BACKEND")?);
+    let args = std::env::var("VGPU_PEER_ARGS")
+        .unwrap_or_else(|_| "--gpu-mode virglrenderer".into())
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    bin.is_file().then_some(Backend {
+        kind: Kind::Peer,
+        bin,
+        args,
     })
 }
 
@@ -205,7 +230,7 @@ impl Vm {
                     .map_err(|e| format!("starting {}: {e}", b.bin.display()))?;
                 Ok((Vm::Ours(stack), t0.elapsed()))
             }
-            Kind::Reference => {
+            Kind::Reference | Kind::Peer => {
                 let dir = tempfile::Builder::new()
                     .prefix("vgpu-bench")
                     .tempdir()
@@ -215,6 +240,7 @@ impl Vm {
                 let mut child = Process::new(&b.bin)
                     .arg("--socket-path")
                     .arg(&socket)
+                    .args(&b.args)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -366,7 +392,7 @@ fn vm_session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchRes
     let frame = u64::from(w) * u64::from(h) * 4;
     let socket_ms = match b.kind {
         Kind::Ours => socket_ready(b, o)?.as_secs_f64() * 1e3,
-        Kind::Reference => f64::NAN,
+        Kind::Reference | Kind::Peer => f64::NAN,
     };
     let (mut vm, ready) = Vm::start(b, o, &[])?;
     let opts = VmmOptions {
@@ -388,7 +414,7 @@ fn vm_session(b: &Backend, o: &Options, patterns: &[(Vec<u8>, u64)]) -> BenchRes
         },
         ..Sample::default()
     };
-    draw(&mut vmm, o, patterns, &mut s)?;
+    draw(&mut vmm, o, patterns, b.kind == Kind::Peer, &mut s)?;
     // After the frames and the damage updates: every page the workload needs is in.
     s.pss = pss_of(&vm.pids());
     commands(&mut vmm, o, &mut s)?;
@@ -453,6 +479,7 @@ fn draw(
     vmm: &mut TestVmm,
     o: &Options,
     patterns: &[(Vec<u8>, u64)],
+    whole_frame_damage: bool,
     s: &mut Sample,
 ) -> BenchResult<()> {
     let (w, h) = (o.width, o.height);
@@ -553,6 +580,17 @@ fn draw(
                 height,
                 ..
             } if (x, y, width, height) == (rect.x, rect.y, rect.width, rect.height) => {}
+            DisplayEvent::Update {
+                x,
+                y,
+                width,
+                height,
+                ..
+            } if whole_frame_damage
+                && x <= rect.x
+                && y <= rect.y
+                && x + width >= rect.x + rect.width
+                && y + height >= rect.y + rect.height => {}
             other => {
                 return Err(format!(
                     "damage {i}: expected an UPDATE of {rect:?}, got {}",
@@ -821,6 +859,9 @@ pub fn run(o: &Options) -> BenchResult<String> {
             None => missing = true,
         }
     }
+    if o.backends == "both" {
+        backends.extend(peer_backend());
+    }
     let (w, h) = (o.width, o.height);
     let frame = (w as usize) * (h as usize) * 4;
     let mut out = String::new();
@@ -904,10 +945,12 @@ pub fn run(o: &Options) -> BenchResult<String> {
 
     let ours = backends.iter().position(|b| b.kind == Kind::Ours);
     let theirs = backends.iter().position(|b| b.kind == Kind::Reference);
+    let peer = backends.iter().position(|b| b.kind == Kind::Peer);
     let get = |i: Option<usize>, f: &dyn Fn(&[Sample]) -> f64| -> f64 {
         i.map(|i| f(&samples[i])).unwrap_or(f64::NAN)
     };
-    let mut rows: Vec<(String, &str, f64, f64, bool)> = Vec::new();
+    // (label, unit, ours, QEMU's, the peer's, higher is better)
+    let mut rows: Vec<(String, &str, f64, f64, f64, bool)> = Vec::new();
     let thr =
         |f: fn(&Sample) -> f64| move |v: &[Sample]| median(&v.iter().map(f).collect::<Vec<_>>());
     for (label, unit, f, hib) in [
@@ -931,7 +974,14 @@ pub fn run(o: &Options) -> BenchResult<String> {
         ),
         ("full-frame bandwidth", "GB/s", thr(|s| s.gbps), true),
     ] {
-        rows.push((label.into(), unit, get(ours, &f), get(theirs, &f), hib));
+        rows.push((
+            label.into(),
+            unit,
+            get(ours, &f),
+            get(theirs, &f),
+            get(peer, &f),
+            hib,
+        ));
     }
     type Series = fn(&Sample) -> &Vec<f64>;
     let series: [(&str, Series); 3] = [
@@ -947,6 +997,7 @@ pub fn run(o: &Options) -> BenchResult<String> {
                 "us",
                 get(ours, &g),
                 get(theirs, &g),
+                get(peer, &g),
                 false,
             ));
         }
@@ -966,7 +1017,14 @@ pub fn run(o: &Options) -> BenchResult<String> {
         ),
         ("PSS, all processes, total", kib(|p| p.total)),
     ] {
-        rows.push((label.into(), "KiB", get(ours, &f), get(theirs, &f), false));
+        rows.push((
+            label.into(),
+            "KiB",
+            get(ours, &f),
+            get(theirs, &f),
+            get(peer, &f),
+            false,
+        ));
     }
     // What is left once guest RAM, the shared memfds (ours: the scanout) and the 2D
     // resource's pixels (one WxHx4 copy in each backend's heap, fully written by the
@@ -984,6 +1042,7 @@ pub fn run(o: &Options) -> BenchResult<String> {
         "KiB",
         get(ours, &rest),
         get(theirs, &rest),
+        get(peer, &rest),
         false,
     ));
 
@@ -1002,18 +1061,8 @@ pub fn run(o: &Options) -> BenchResult<String> {
         "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
         "", "", "", "", ""
     ));
-    for (label, unit, a, b, hib) in &rows {
-        let r = if *hib { a / b } else { b / a };
-        let r = if r.is_finite() && r > 0.0 {
-            format!("{r:.2}x")
-        } else {
-            "-".into()
-        };
-        line(format!(
-            "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {r:>7} |",
-            fmt(*a),
-            fmt(*b)
-        ));
+    for (label, unit, a, b, _, hib) in &rows {
+        line(table_row(label, unit, *a, *b, *hib));
     }
     let blob50 = get(ours, &|v| pooled(v, |s| &s.blob_us, 0.5));
     let blob99 = get(ours, &|v| pooled(v, |s| &s.blob_us, 0.99));
@@ -1031,6 +1080,25 @@ pub fn run(o: &Options) -> BenchResult<String> {
             "no blobs",
             "-"
         ));
+    }
+    if let Some(p) = peer {
+        line(String::new());
+        line(format!(
+            "the same run against the peer {} {} (ratio = ours vs peer, >1: ours better):",
+            backends[p].bin.display(),
+            backends[p].args.join(" ")
+        ));
+        line(format!(
+            "| {:<46} | {:>7} | {:>12} | {:>12} | {:>7} |",
+            "benchmark", "unit", "vgpu-sandbox", "peer", "ratio"
+        ));
+        line(format!(
+            "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
+            "", "", "", "", ""
+        ));
+        for (label, unit, a, _, c, hib) in &rows {
+            line(table_row(label, unit, *a, *c, *hib));
+        }
     }
 
     let gbps_ours = get(ours, &thr(|s| s.gbps));
@@ -1066,7 +1134,13 @@ pub fn run(o: &Options) -> BenchResult<String> {
         line(String::new());
         let results = backends
             .iter()
-            .map(|b| fleet(b, o).map_err(|e| format!("{} fleet: {e}", name(b.kind))))
+            .map(|b| match b.kind {
+                // Two backends are enough to hold 2 x N VMs on one machine.
+                Kind::Peer => Ok(None),
+                _ => fleet(b, o)
+                    .map(Some)
+                    .map_err(|e| format!("{} fleet: {e}", name(b.kind))),
+            })
             .collect::<BenchResult<Vec<_>>>()?;
         for l in fleet_table(o, &backends, &results) {
             line(l);
@@ -1141,7 +1215,7 @@ fn fleet(b: &Backend, o: &Options) -> BenchResult<FleetResult> {
                 let (fo, patterns) = (&fo, &patterns);
                 scope.spawn(move || {
                     let mut s = Sample::default();
-                    draw(vmm, fo, patterns, &mut s).map(|()| s)
+                    draw(vmm, fo, patterns, b.kind == Kind::Peer, &mut s).map(|()| s)
                 })
             })
             .collect();
@@ -1176,7 +1250,7 @@ fn sorted(v: &[f64]) -> Vec<f64> {
     v
 }
 
-fn fleet_table(o: &Options, backends: &[Backend], results: &[FleetResult]) -> Vec<String> {
+fn fleet_table(o: &Options, backends: &[Backend], results: &[Option<FleetResult>]) -> Vec<String> {
     let (w, h) = FLEET_SIZE;
     let mut out = vec![
         format!(
@@ -1197,7 +1271,7 @@ fn fleet_table(o: &Options, backends: &[Backend], results: &[FleetResult]) -> Ve
         backends
             .iter()
             .position(|b| b.kind == kind)
-            .map(|i| &results[i])
+            .and_then(|i| results[i].as_ref())
     };
     type Stat = fn(&FleetResult) -> f64;
     let rows: [(&str, &str, Stat, bool); 6] = [
@@ -1256,10 +1330,30 @@ fn fleet_table(o: &Options, backends: &[Backend], results: &[FleetResult]) -> Ve
     out
 }
 
+/// One row: ours, the other, and the ratio turned so that >1 means ours is better.
+fn table_row(label: &str, unit: &str, ours: f64, other: f64, higher_is_better: bool) -> String {
+    let r = if higher_is_better {
+        ours / other
+    } else {
+        other / ours
+    };
+    let r = if r.is_finite() && r > 0.0 {
+        format!("{r:.2}x")
+    } else {
+        "-".into()
+    };
+    format!(
+        "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {r:>7} |",
+        fmt(ours),
+        fmt(other)
+    )
+}
+
 fn name(k: Kind) -> &'static str {
     match k {
         Kind::Ours => "ours",
         Kind::Reference => "reference",
+        Kind::Peer => "peer",
     }
 }
 
