@@ -137,6 +137,13 @@ fn killed_device_frontend_makes_the_broker_fail() {
     killed_child_fails_the_broker(Role::DeviceFrontend, "device-frontend", &[]);
 }
 
+/// Without its spawner no renderer could be replaced: the device stops, naming it, rather
+/// than serve on with no way to survive a renderer's death.
+#[test]
+fn killed_spawner_makes_the_broker_fail_naming_it() {
+    killed_child_fails_the_broker(Role::Spawner, "spawner", &[]);
+}
+
 // ---------------------------------------------------------------- broker killed, sandboxing
 
 /// Bound on a process disappearing once it has been told to (signal, PDEATHSIG).
@@ -156,10 +163,11 @@ fn status_field(pid: i32, key: &str) -> Option<String> {
 /// differs), or is in state Z (dead, waiting to be reaped); [`vgpu_tests::stack::wait_gone`]
 /// and [`vgpu_tests::stack::is_alive`] implement exactly that.
 #[test]
-fn broker_killed_with_sigkill_takes_both_children_with_it() {
+fn broker_killed_with_sigkill_takes_every_child_with_it() {
     let (mut stack, vmm) = start(&[]);
     let frontend = stack.expect_child(&Role::DeviceFrontend);
     let renderer = stack.expect_child(&Role::RendererWorker);
+    let spawner = stack.expect_child(&Role::Spawner);
     stack
         .signal(Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -169,7 +177,7 @@ fn broker_killed_with_sigkill_takes_both_children_with_it() {
         Some(libc::SIGKILL),
         "broker status: {status}"
     );
-    for child in [&frontend, &renderer] {
+    for child in [&frontend, &renderer, &spawner] {
         assert!(
             vgpu_tests::stack::wait_gone(child, GONE),
             "{} (pid {}) still alive {GONE:?} after its broker was SIGKILLed (state {:?}, \
