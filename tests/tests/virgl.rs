@@ -989,3 +989,60 @@ fn two_d_commands_still_work_in_virgl_mode() {
     still_works(&mut vmm, "2D in virgl mode");
     common::no_violations(&vmm);
 }
+
+/// A virgl renderer that dies is replaced by another virgl renderer (started by the
+/// spawner, which must be able to bring up EGL on llvmpipe too): a 2D resource on the
+/// scanout comes back with its pixels, the lost 3D context is ERR_INVALID_CONTEXT_ID, a
+/// lost 3D resource ERR_INVALID_RESOURCE_ID, and a new context works.
+#[test]
+fn a_virgl_renderer_that_dies_is_replaced_and_2d_comes_back() {
+    use nix::sys::signal::Signal;
+    use vgpu_tests::stack::Role;
+
+    let (mut stack, mut vmm) = start_with_context(&[]);
+    let (w, h) = (96, 64);
+    let pixels = image(w, h, 9);
+    common::resource_with(&mut vmm, 1, format::B8G8R8X8_UNORM, w, h, &pixels);
+    let full = Rect::new(0, 0, w, h);
+    ok("SET_SCANOUT", vmm.gpu().set_scanout(0, 1, full));
+    let _ = texture(&mut vmm, 2, format::B8G8R8X8_UNORM, 32, 32);
+
+    let old = stack.expect_child(&Role::RendererWorker);
+    stack
+        .signal_process(&old, Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let linked = stack
+        .wait_for_log("new renderer-worker linked", COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no new virgl renderer linked: {e}"));
+    assert!(
+        linked.contains("1 resource(s) rebuilt") && linked.contains("1 lost"),
+        "{linked}"
+    );
+    stack
+        .wait_for_log("renderer built (virglrenderer", COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the replacement is not a virgl renderer: {e}"));
+
+    vmm.display().skip_to_end();
+    ok(
+        "RESOURCE_FLUSH after the restart",
+        vmm.gpu().resource_flush(1, full),
+    );
+    wait_update_rect(&vmm, full);
+    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
+    assert_pixels(&fb, &pixels, w, "the 2D resource after a virgl restart");
+    expect(
+        "SUBMIT_3D to the lost context",
+        vmm.gpu().submit_3d(CTX, &[]),
+        resp::ERR_INVALID_CONTEXT_ID,
+    );
+    expect(
+        "RESOURCE_FLUSH of the lost 3D resource",
+        vmm.gpu().resource_flush(2, Rect::new(0, 0, 32, 32)),
+        resp::ERR_INVALID_RESOURCE_ID,
+    );
+    ok(
+        "CTX_CREATE in the new renderer",
+        vmm.gpu().ctx_create(CTX + 1, 0, b"virgl-test-2"),
+    );
+    still_works(&mut vmm, "a virgl renderer restart");
+}
