@@ -918,3 +918,41 @@ fn renderer_killed_at_random_points_of_map_unmap_cycles_leaks_nothing() {
     still_works(&mut fx.vmm, "ten renderer restarts");
     no_violations(&fx);
 }
+
+/// The renderer dies while a device reset waits for an unmap's VMM ack: the reset still
+/// finishes once the ack comes (the renderer's part of the unmap is moot), the window is
+/// empty, and the new renderer serves the reset device.
+#[test]
+fn renderer_killed_while_a_reset_waits_for_an_unmap_the_reset_finishes() {
+    let mut fx = start();
+    let a = host_blob(&mut fx, 1, 64, 64);
+    map_ok(&mut fx, 1, 0, &a);
+    let gate = fx.reqs.delay_next(RequestKind::Unmap);
+    let _unmap = fx
+        .vmm
+        .gpu()
+        .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
+        .expect("submit UNMAP_BLOB");
+    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
+    fx.vmm
+        .frontend()
+        .reset_device()
+        .unwrap_or_else(|e| panic!("RESET_DEVICE: {e}\n{}", fx.stack.log_text()));
+    kill_renderer(&mut fx);
+    const FINISHED: &str = "every blob unmapped: the device reset goes on";
+    assert!(
+        fx.stack.wait_for_log(FINISHED, QUIET).is_err(),
+        "the reset finished while an unmap's VMM ack was held"
+    );
+    gate.release();
+    fx.stack
+        .wait_for_log(FINISHED, WAIT)
+        .unwrap_or_else(|e| panic!("the reset never finished after the release: {e}"));
+    assert!(
+        fx.window.mappings().is_empty(),
+        "{:?}",
+        fx.window.mappings()
+    );
+    assert_eq!(unmaps_received(&fx), 1, "{}", fx.reqs.summary());
+    no_violations(&fx);
+}
