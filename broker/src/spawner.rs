@@ -1,5 +1,5 @@
-//! The spawner: a helper process that starts every renderer-worker, the first one and each
-//! replacement, on the broker's request.
+//! The spawner: a helper process that starts every replacement renderer-worker, on the
+//! broker's request.
 //!
 //! Why it exists: after set-up the broker runs under a seccomp filter that allows no
 //! process creation, and a filter is inherited across `clone` and `execve`; a renderer the
@@ -10,8 +10,9 @@
 //! child (`CLONE_PARENT`: the broker's supervision, reaping and parent-death signal stay as
 //! they are), and answers with the pid and the renderer's hello. Neither the guest nor the
 //! other children can reach it. The first renderer is started by the broker itself, at
-//! the same time as the frontend and the spawner (start-up time); every later one by the
-//! spawner. See docs/renderer-restart.md.
+//! the same time as the frontend; the spawner is started once the device is ready, before
+//! the broker's jail, so that its exec is off the start-up's critical path. See
+//! docs/renderer-restart.md.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
