@@ -478,22 +478,11 @@ impl Control {
         let s = &self.scanouts[scanout_id as usize];
         let reuse = s.resource_id == resource_id && s.blob == Some(layout) && s.buffer.is_some();
         if !reuse {
-            // width <= max_dimension (checked by blob_fb_layout): the packed row fits a u32.
-            let Some(row) = fb.width.checked_mul(4) else {
-                return Ok(Err(ErrorCode::InvalidParameter));
-            };
-            let (fds, size) = match self.install_scanout_buffer(scanout_id, row, fb.height)? {
-                Ok(installed) => installed,
-                Err(code) => return Ok(Err(code)),
-            };
-            let op = RendererOp::SetScanoutBlobBuffer {
-                scanout_id,
-                resource_id,
-                layout,
-                size,
-                fds,
-            };
-            self.request(op, None, After::Nothing)?;
+            // width <= max_dimension (checked by blob_fb_layout).
+            let source = crate::execute::ScanoutSource::Blob(layout);
+            if let Err(code) = self.bind_scanout_buffer(scanout_id, resource_id, source)? {
+                return Ok(Err(code));
+            }
         }
         let s = &mut self.scanouts[scanout_id as usize];
         s.resource_id = resource_id;

@@ -14,6 +14,20 @@ use crate::scanout::ScanoutBuffer;
 /// Largest capset the frontend passes on (virgl's is 1376 bytes; Venus' a few KiB).
 const MAX_CAPSET_BYTES: usize = 64 << 10;
 
+/// What a scanout shows, for its buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ScanoutSource {
+    /// A resource's pixels, `stride` bytes per row.
+    Resource {
+        /// Bytes per row (width * 4).
+        stride: u32,
+        /// Rows.
+        height: u32,
+    },
+    /// A framebuffer laid out in a blob.
+    Blob(protocol::ipc::BlobScanout),
+}
+
 /// What executing a command decided: answer now (`Some`), wait for the renderer (`None`),
 /// or refuse with a guest-visible error.
 pub(crate) type Outcome = Result<Result<Option<Response>, ErrorCode>, FrontendError>;
@@ -288,19 +302,13 @@ impl Control {
             && s.blob.is_none()
             && s.buffer.as_ref().is_some_and(|b| b.stride() == stride);
         if !reuse {
-            let (fds, size) =
-                match self.install_scanout_buffer(scanout_id, stride, resource.height)? {
-                    Ok(installed) => installed,
-                    Err(code) => return Ok(Err(code)),
-                };
-            let op = RendererOp::SetScanoutBuffer {
-                scanout_id,
-                resource_id,
-                size,
+            let source = ScanoutSource::Resource {
                 stride,
-                fds,
+                height: resource.height,
             };
-            self.request(op, None, After::Nothing)?;
+            if let Err(code) = self.bind_scanout_buffer(scanout_id, resource_id, source)? {
+                return Ok(Err(code));
+            }
         }
         let s = &mut self.scanouts[scanout_id as usize];
         s.resource_id = resource_id;
@@ -403,6 +411,47 @@ impl Control {
             .filter_map(|(_, s)| s.buffer.as_ref())
             .map(|b| b.len() as u64)
             .sum()
+    }
+
+    /// Gives scanout `scanout_id` a new sealed buffer for what `source` shows of resource
+    /// `resource_id`, and hands the buffer to the renderer.
+    pub(crate) fn bind_scanout_buffer(
+        &mut self,
+        scanout_id: u32,
+        resource_id: u32,
+        source: ScanoutSource,
+    ) -> Result<Result<(), ErrorCode>, FrontendError> {
+        let (row, height) = match source {
+            ScanoutSource::Resource { stride, height } => (stride, height),
+            // The framebuffer is packed at width * 4 per row in the buffer; width is at
+            // most max_dimension (checked by the caller), so this does not overflow.
+            ScanoutSource::Blob(layout) => match layout.width.checked_mul(4) {
+                Some(row) => (row, layout.height),
+                None => return Ok(Err(ErrorCode::InvalidParameter)),
+            },
+        };
+        let (fds, size) = match self.install_scanout_buffer(scanout_id, row, height)? {
+            Ok(installed) => installed,
+            Err(code) => return Ok(Err(code)),
+        };
+        let op = match source {
+            ScanoutSource::Resource { stride, .. } => RendererOp::SetScanoutBuffer {
+                scanout_id,
+                resource_id,
+                size,
+                stride,
+                fds,
+            },
+            ScanoutSource::Blob(layout) => RendererOp::SetScanoutBlobBuffer {
+                scanout_id,
+                resource_id,
+                layout,
+                size,
+                fds,
+            },
+        };
+        self.request(op, None, After::Nothing)?;
+        Ok(Ok(()))
     }
 
     /// Allocates a sealed scanout buffer of `stride * height` bytes, installs it on the

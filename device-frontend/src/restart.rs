@@ -17,6 +17,7 @@ use protocol::virtio_gpu::ErrorCode;
 
 use crate::control::{After, Control, NUM_QUEUES};
 use crate::error::FrontendError;
+use crate::execute::ScanoutSource;
 use crate::resources::ResourceKind;
 
 /// The broker's side of a renderer restart: the channel new links arrive on, and the
@@ -218,36 +219,25 @@ impl Control {
             self.disable_scanout(scanout_id)?;
             return Ok(false);
         }
-        let installed = match blob {
+        let source = match blob {
             None => {
                 let Ok(r) = self.resources.get(resource_id) else {
                     return Ok(false);
                 };
-                let (stride, height) = (r.width.saturating_mul(4), r.height);
-                self.install_scanout_buffer(scanout_id, stride, height)?
-                    .map(|(fds, size)| RendererOp::SetScanoutBuffer {
-                        scanout_id,
-                        resource_id,
-                        size,
-                        stride,
-                        fds,
-                    })
+                ScanoutSource::Resource {
+                    stride: r.width.saturating_mul(4),
+                    height: r.height,
+                }
             }
-            Some(layout) => self
-                .install_scanout_buffer(scanout_id, layout.width.saturating_mul(4), layout.height)?
-                .map(|(fds, size)| RendererOp::SetScanoutBlobBuffer {
-                    scanout_id,
-                    resource_id,
-                    layout,
-                    size,
-                    fds,
-                }),
+            Some(layout) => ScanoutSource::Blob(layout),
         };
-        let Ok(op) = installed else {
+        if self
+            .bind_scanout_buffer(scanout_id, resource_id, source)?
+            .is_err()
+        {
             self.disable_scanout(scanout_id)?;
             return Ok(false);
-        };
-        self.request(op, None, After::Nothing)?;
+        }
         self.request(
             RendererOp::FlushToScanout { scanout_id, rect },
             None,
