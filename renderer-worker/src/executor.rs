@@ -290,6 +290,18 @@ impl<R: Renderer> Executor<R> {
             .map_err(|e| RenderError::Unspec(format!("descriptor lane: {e}")))
     }
 
+    /// The one descriptor (a sealed scanout buffer) under `ticket`.
+    fn take_scanout_fd(&self, ticket: FdTicket) -> Result<OwnedFd, RenderError> {
+        let mut fds = self.take_fds(ticket)?;
+        match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => Ok(fd),
+            (fd, _) => Err(RenderError::InvalidParameter(format!(
+                "{} fds for a scanout buffer",
+                fds.len() + usize::from(fd.is_some())
+            ))),
+        }
+    }
+
     /// Checks that blob `resource_id` is in state `expected` for `op`.
     fn expect_blob(
         &self,
@@ -456,14 +468,7 @@ impl<R: Renderer> Executor<R> {
                 fds,
             } => {
                 // Take the fd first, whatever else is wrong, so the lane stays in step.
-                let mut fds = self.take_fds(fds)?;
-                if fds.len() != 1 {
-                    return Err(RenderError::InvalidParameter(format!(
-                        "{} fds for a scanout buffer",
-                        fds.len()
-                    )));
-                }
-                let fd = fds.remove(0);
+                let fd = self.take_scanout_fd(fds)?;
                 if self.ledger.get(resource_id)?.blob {
                     return Err(RenderError::InvalidParameter(format!(
                         "resource {resource_id} is a blob: no 2D scanout of it"
@@ -481,14 +486,7 @@ impl<R: Renderer> Executor<R> {
                 fds,
             } => {
                 // Take the fd first, whatever else is wrong, so the lane stays in step.
-                let mut fds = self.take_fds(fds)?;
-                if fds.len() != 1 {
-                    return Err(RenderError::InvalidParameter(format!(
-                        "{} fds for a scanout buffer",
-                        fds.len()
-                    )));
-                }
-                let fd = fds.remove(0);
+                let fd = self.take_scanout_fd(fds)?;
                 let max = self.limits.max_dimension;
                 if layout.width > max || layout.height > max {
                     return Err(RenderError::InvalidParameter(format!(
