@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{expect, ok, still_works};
 use nix::sys::signal::Signal;
-use vgpu_tests::backend_req::{AckAction, BackendEvent, BackendRequests, RequestKind};
+use vgpu_tests::backend_req::{AckAction, AckGate, BackendEvent, BackendRequests, RequestKind};
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
 use vgpu_tests::gpu::{blob, resp, BlobParams, Command, GpuError};
 use vgpu_tests::hostmem::HostmemWindow;
@@ -265,6 +265,42 @@ fn mapped_blob_is_read_and_written_through_the_window_and_reads_zero_after_unmap
     still_works(&mut fx.vmm, "map / unmap");
 }
 
+/// UNMAP_BLOB of `resource_id` with the VMM's ack held, then RESET_DEVICE; returns the
+/// gate that holds the ack.
+fn reset_behind_a_held_unmap(fx: &mut Fx, resource_id: u32) -> AckGate {
+    let gate = fx.reqs.delay_next(RequestKind::Unmap);
+    let _unmap = fx
+        .vmm
+        .gpu()
+        .submit(&Command::ResourceUnmapBlob { resource_id }, None)
+        .expect("submit UNMAP_BLOB");
+    wait_unmap_held(fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
+    // RESET_DEVICE itself is answered at once: a VMM such as QEMU services the backend
+    // channel on the thread that waits for this reply, so holding the reply until the
+    // unmap ack arrived would deadlock it. The reset is finished inside the device instead:
+    // its control queue stays closed until every unmap completed.
+    fx.vmm
+        .frontend()
+        .reset_device()
+        .unwrap_or_else(|e| panic!("RESET_DEVICE: {e}\n{}", fx.stack.log_text()));
+    gate
+}
+
+/// The reset waits while `gate` holds the unmap's ack, and finishes once it is released.
+#[track_caller]
+fn reset_finishes_on_the_release(fx: &Fx, gate: &AckGate) {
+    const FINISHED: &str = "every blob unmapped: the device reset goes on";
+    assert!(
+        fx.stack.wait_for_log(FINISHED, QUIET).is_err(),
+        "the reset finished while an unmap's VMM ack was held"
+    );
+    gate.release();
+    fx.stack
+        .wait_for_log(FINISHED, WAIT)
+        .unwrap_or_else(|e| panic!("the reset never finished after the release: {e}"));
+    assert!(gate.is_released());
+}
+
 /// (2) UNMAP_BLOB re-entered while the first unmap waits for the VMM's ack.
 #[test]
 fn unmap_reentered_while_in_flight_unmaps_once_and_answers_both() {
@@ -360,32 +396,8 @@ fn reset_with_an_unmap_in_flight_waits_for_the_ack() {
     let b = host_blob(&mut fx, 2, 32, 32);
     map_ok(&mut fx, 1, 0, &a);
     map_ok(&mut fx, 2, 64 * PAGE, &b);
-    let gate = fx.reqs.delay_next(RequestKind::Unmap);
-    let _unmap = fx
-        .vmm
-        .gpu()
-        .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
-        .expect("submit UNMAP_BLOB");
-    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
-
-    // RESET_DEVICE itself is answered at once: a VMM such as QEMU services the backend
-    // channel on the thread that waits for this reply, so holding the reply until the
-    // unmap ack arrived would deadlock it. The reset is finished inside the device instead:
-    // its control queue stays closed until every unmap completed.
-    fx.vmm
-        .frontend()
-        .reset_device()
-        .unwrap_or_else(|e| panic!("RESET_DEVICE: {e}\n{}", fx.stack.log_text()));
-    const FINISHED: &str = "every blob unmapped: the device reset goes on";
-    assert!(
-        fx.stack.wait_for_log(FINISHED, QUIET).is_err(),
-        "the reset finished while an unmap's VMM ack was held"
-    );
-    gate.release();
-    fx.stack
-        .wait_for_log(FINISHED, WAIT)
-        .unwrap_or_else(|e| panic!("the reset never finished after the release: {e}"));
-    assert!(gate.is_released());
+    let gate = reset_behind_a_held_unmap(&mut fx, 1);
+    reset_finishes_on_the_release(&fx, &gate);
     // Every blob left the window, each exactly once. (The predicates look only at the
     // events they are handed: the request log's lock is held while they run.)
     let unmaps_at = |events: &[BackendEvent], off: u64| {
@@ -927,27 +939,9 @@ fn renderer_killed_while_a_reset_waits_for_an_unmap_the_reset_finishes() {
     let mut fx = start();
     let a = host_blob(&mut fx, 1, 64, 64);
     map_ok(&mut fx, 1, 0, &a);
-    let gate = fx.reqs.delay_next(RequestKind::Unmap);
-    let _unmap = fx
-        .vmm
-        .gpu()
-        .submit(&Command::ResourceUnmapBlob { resource_id: 1 }, None)
-        .expect("submit UNMAP_BLOB");
-    wait_unmap_held(&fx, "UNMAP_BLOB sent no SHMEM_UNMAP");
-    fx.vmm
-        .frontend()
-        .reset_device()
-        .unwrap_or_else(|e| panic!("RESET_DEVICE: {e}\n{}", fx.stack.log_text()));
+    let gate = reset_behind_a_held_unmap(&mut fx, 1);
     kill_renderer(&mut fx);
-    const FINISHED: &str = "every blob unmapped: the device reset goes on";
-    assert!(
-        fx.stack.wait_for_log(FINISHED, QUIET).is_err(),
-        "the reset finished while an unmap's VMM ack was held"
-    );
-    gate.release();
-    fx.stack
-        .wait_for_log(FINISHED, WAIT)
-        .unwrap_or_else(|e| panic!("the reset never finished after the release: {e}"));
+    reset_finishes_on_the_release(&fx, &gate);
     assert!(
         fx.window.mappings().is_empty(),
         "{:?}",
