@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_pixels, expect, fd_counts, image, ok, resource_with, wait_update_rect};
+use common::{expect, fd_counts, flush_shows, image, ok, resource_with};
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::{Stack, TestVmm};
 
@@ -28,11 +28,7 @@ fn session(vmm: &mut TestVmm, round: u32) {
     let pixels = image(w, h, round);
     resource_with(vmm, 1, format::B8G8R8X8_UNORM, w, h, &pixels);
     ok("SET_SCANOUT", vmm.gpu().set_scanout(0, 1, full));
-    vmm.display().skip_to_end();
-    ok("RESOURCE_FLUSH", vmm.gpu().resource_flush(1, full));
-    wait_update_rect(vmm, full);
-    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
-    assert_pixels(&fb, &pixels, w, &format!("round {round}"));
+    flush_shows(vmm, 1, full, &pixels, w, &format!("round {round}"));
 }
 
 #[test]

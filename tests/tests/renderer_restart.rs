@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{assert_pixels, fd_counts, image, ok, resource_with, still_works, wait_update_rect};
+use common::{fd_counts, flush_shows, image, ok, resource_with, still_works};
 use nix::sys::signal::Signal;
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::stack::{ProcessInfo, Role};
@@ -59,11 +59,7 @@ fn show(vmm: &mut TestVmm, pixels: &[u8]) -> u64 {
     let full = Rect::new(0, 0, W, H);
     let backing = resource_with(vmm, 1, format::B8G8R8X8_UNORM, W, H, pixels);
     ok("SET_SCANOUT", vmm.gpu().set_scanout(0, 1, full));
-    vmm.display().skip_to_end();
-    ok("RESOURCE_FLUSH", vmm.gpu().resource_flush(1, full));
-    wait_update_rect(vmm, full);
-    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
-    assert_pixels(&fb, pixels, W, "before the restart");
+    flush_shows(vmm, 1, full, pixels, W, "before the restart");
     backing.addr
 }
 
@@ -97,14 +93,14 @@ fn killed_renderer_is_replaced_and_the_guest_keeps_its_picture() {
 
     // The guest only flushes: its picture comes from the rebuilt resource (re-uploaded
     // from the guest's backing by the frontend).
-    vmm.display().skip_to_end();
-    ok(
-        "RESOURCE_FLUSH after the restart",
-        vmm.gpu().resource_flush(1, full),
+    flush_shows(
+        &mut vmm,
+        1,
+        full,
+        &first,
+        W,
+        "flush after the restart, no new upload",
     );
-    wait_update_rect(&vmm, full);
-    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
-    assert_pixels(&fb, &first, W, "flush after the restart, no new upload");
 
     // New pixels through the new renderer, exact.
     let second = image(W, H, 8);
@@ -113,11 +109,7 @@ fn killed_renderer_is_replaced_and_the_guest_keeps_its_picture() {
         "TRANSFER_TO_HOST_2D",
         vmm.gpu().transfer_to_host_2d(1, full, 0),
     );
-    vmm.display().skip_to_end();
-    ok("RESOURCE_FLUSH", vmm.gpu().resource_flush(1, full));
-    wait_update_rect(&vmm, full);
-    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
-    assert_pixels(&fb, &second, W, "new frame after the restart");
+    flush_shows(&mut vmm, 1, full, &second, W, "new frame after the restart");
     // Resource 2 exists in the new renderer: unref succeeds there.
     ok("RESOURCE_UNREF 2", vmm.gpu().resource_unref(2));
     still_works(&mut vmm, "a renderer restart");
@@ -185,11 +177,14 @@ fn renderer_killed_under_a_stream_of_transfers_every_command_is_answered() {
     wait_rounds(before + 40, "after the restart");
     stop.store(true, Ordering::Relaxed);
     let mut vmm = guest.join().expect("guest thread panicked");
-    vmm.display().skip_to_end();
-    ok("RESOURCE_FLUSH", vmm.gpu().resource_flush(1, full));
-    wait_update_rect(&vmm, full);
-    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
-    assert_pixels(&fb, &pixels, W, "after the restart under the stream");
+    flush_shows(
+        &mut vmm,
+        1,
+        full,
+        &pixels,
+        W,
+        "after the restart under the stream",
+    );
     still_works(&mut vmm, "a restart under a stream");
     assert_eq!(stack.processes().len(), 4, "{:#?}", stack.processes());
 }

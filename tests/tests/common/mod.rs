@@ -214,3 +214,18 @@ pub fn connect_hostmem(stack: &Stack, hostmem: u64) -> TestVmm {
         )
     })
 }
+
+/// RESOURCE_FLUSH of `rect` of resource `id`, shown on scanout 0: the UPDATE of exactly
+/// `rect` must arrive, and scanout 0's framebuffer (`width` pixels wide) must then be
+/// `want`, byte for byte.
+#[track_caller]
+pub fn flush_shows(vmm: &mut TestVmm, id: u32, rect: Rect, want: &[u8], width: u32, what: &str) {
+    vmm.display().skip_to_end();
+    ok(
+        &format!("RESOURCE_FLUSH {id} ({what})"),
+        vmm.gpu().resource_flush(id, rect),
+    );
+    wait_update_rect(vmm, rect);
+    let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
+    assert_pixels(&fb, want, width, what);
+}
