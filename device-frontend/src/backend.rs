@@ -5,14 +5,14 @@
 //! renderer and the device state has one owner.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserShMemConfig};
 use vhost::vhost_user::Backend;
 use vhost::vhost_user::GpuBackend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
@@ -28,7 +28,7 @@ use protocol::virtio_gpu::{
 use crate::backend_channel::BackendChannel;
 use crate::config_space::ConfigSpace;
 use crate::control::{Control, GuestMem, Input, NUM_QUEUES};
-use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, METRICS_EVENT, RENDERER_EVENT};
+use crate::mailbox::{Inbox, Mailbox, MAILBOX_EVENT, METRICS_EVENT, RENDERER_EVENT, VMM_EVENT};
 use crate::metrics::Reporter;
 use crate::vmm_requests::{VmmRequests, HOSTMEM_SHMID};
 use crate::EXIT_RENDERER_GONE;
@@ -71,6 +71,9 @@ struct Inner {
     handed_out: Mutex<Vec<std::os::fd::RawFd>>,
     /// The metrics timer and sender (`--metrics-file`); used only on the vring worker.
     metrics: Mutex<Option<Reporter>>,
+    /// The current daemon's event loop, where the VMM's backend channel is watched once it
+    /// arrives. Weak: the loop holds the device, and a daemon's loop must go with it.
+    event_loop: Mutex<Vec<Weak<VringEpollHandler<GpuDevice>>>>,
 }
 
 impl GpuDevice {
@@ -117,6 +120,7 @@ impl GpuDevice {
                 exit: Mutex::new(exit),
                 handed_out: Mutex::new(Vec::new()),
                 metrics: Mutex::new(None),
+                event_loop: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -183,6 +187,14 @@ impl GpuDevice {
             .lock()
             .map_err(|_| io::Error::other("metrics lock poisoned"))? = Some(reporter);
         Ok(fd)
+    }
+
+    /// The event loop(s) of the daemon now serving: the VMM's backend channel is added
+    /// there when it arrives.
+    pub fn set_event_loop(&self, handlers: &[Arc<VringEpollHandler<GpuDevice>>]) {
+        if let Ok(mut l) = self.inner.event_loop.lock() {
+            *l = handlers.iter().map(Arc::downgrade).collect();
+        }
     }
 
     /// Runs `f` on the control actor; used once the vring worker is gone (statistics).
@@ -281,10 +293,28 @@ impl VhostUserBackend for GpuDevice {
                 return;
             }
         };
-        match VmmRequests::start(channel, self.inner.mailbox.clone()) {
-            Ok((vmm, _thread)) => self.send(Input::VmmChannel(vmm)),
-            Err(e) => log::error!("starting the VMM request thread failed: {e}"),
+        // Watched before the actor owns it: the actor closes the socket when the VMM does,
+        // and a number registered after that could name some other descriptor.
+        let fd = channel.as_fd().as_raw_fd();
+        let handlers: Vec<_> = match self.inner.event_loop.lock() {
+            Ok(l) => l.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        if handlers.is_empty() {
+            log::error!(
+                "no event loop to watch the backend request channel; blobs cannot be mapped"
+            );
+            return;
         }
+        for handler in handlers {
+            if let Err(e) = handler.register_listener(fd, EventSet::IN, u64::from(VMM_EVENT)) {
+                log::error!(
+                    "watching the backend request channel failed: {e}; blobs cannot be mapped"
+                );
+                return;
+            }
+        }
+        self.send(Input::VmmChannel(VmmRequests::new(channel)));
     }
 
     fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
@@ -336,7 +366,8 @@ impl VhostUserBackend for GpuDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
+        // The VMM's channel reports its hang-up as such; reading it finds the end.
+        if evset != EventSet::IN && device_event != VMM_EVENT {
             return Err(io::Error::other(format!(
                 "unexpected epoll events {evset:?} for event {device_event}"
             )));
@@ -353,6 +384,8 @@ impl VhostUserBackend for GpuDevice {
                 .try_for_each(|input| control.handle(input))
         } else if device_event == RENDERER_EVENT {
             control.renderer_events()
+        } else if device_event == VMM_EVENT {
+            control.vmm_readable().map(|_| ())
         } else if device_event == METRICS_EVENT {
             if let Some(reporter) = self
                 .inner

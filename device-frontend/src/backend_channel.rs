@@ -2,15 +2,15 @@
 //! device itself rather than through vhost's `Backend`.
 //!
 //! vhost-user replies carry no request id: a reply names only the request code it answers.
-//! vhost 0.18's `Backend` reads exactly one reply per request and keeps its socket private,
-//! so a VMM that acknowledges a request twice leaves the second ack in the socket, where it
-//! is read as the reply to the next request; a wrong code fails that request and leaves its
-//! real reply behind, and from then on every request is off by one. Owning the socket lets
-//! the device read everything that arrived while no request was pending (stale, duplicated
-//! or late acks) and drop it with a log line before sending, and skip a reply to another
-//! code while waiting. What no device can tell apart is a duplicate of the same code that
-//! arrives after the next request of that code was sent: the protocol has nothing to tell
-//! them by.
+//! vhost 0.18's `Backend` reads exactly one reply per request, blocking, and keeps its
+//! socket private, so a VMM that acknowledges a request twice leaves the second ack in the
+//! socket, where it is read as the reply to the next request; a wrong code fails that
+//! request and leaves its real reply behind, and from then on every request is off by one.
+//! Owning the socket lets the device write requests without waiting (the control actor
+//! must not block on the VMM), read replies whenever they arrive, and match them to the
+//! requests itself (`vmm_requests`): stale, duplicated or late acks are dropped with a log
+//! line. What no device can tell apart is a duplicate of the same code that arrives after
+//! the next request of that code was sent: the protocol has nothing to tell them by.
 //!
 //! Every request is sent with NEED_REPLY: the mapping state machine needs the VMM's ack to
 //! know a range is in (or out of) the guest's window. QEMU answers every request that asks
@@ -31,6 +31,9 @@ use vm_memory::ByteValued;
 /// larger size means the stream is not framed the way the device thinks, and reading on
 /// would interpret payload bytes as headers.
 const MAX_REPLY_BODY: u32 = 4096;
+
+/// Reads of up to 512 bytes per [`BackendChannel::read_replies`] call.
+const MAX_READS_PER_CALL: usize = 64;
 
 /// Why a request did not get a positive answer.
 #[derive(Debug, thiserror::Error)]
@@ -55,14 +58,19 @@ pub enum ChannelError {
     /// The VMM wrote something that is not a vhost-user reply; the channel is unusable.
     #[error("the VMM broke the backend request channel's framing: {0}")]
     Framing(String),
-    /// The VMM answered with a non-zero status.
-    #[error("the VMM refused {request:?} (status {status})")]
-    Refused {
+    /// The VMM's end is not being read: nothing of the request was written.
+    #[error("the VMM is not reading its backend request channel ({request:?} not sent)")]
+    Stalled {
         /// The request.
         request: BackendReq,
-        /// The VMM's status.
-        status: u64,
     },
+}
+
+impl ChannelError {
+    /// Whether the channel is unusable from now on (everything but a stalled send).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ChannelError::Stalled { .. })
+    }
 }
 
 /// The vhost-user protocol version every header carries in its flags.
@@ -103,10 +111,22 @@ impl Header {
     }
 }
 
-/// A vhost-user message read from the channel: header and (bounded) body.
-struct Reply {
-    header: Header,
-    body: Vec<u8>,
+/// A reply read from the channel: the request code it answers and its (bounded) body.
+#[derive(Debug)]
+pub struct Reply {
+    /// The request code the VMM says it answers.
+    pub code: u32,
+    /// The body; a REPLY_ACK's is one little-endian `u64` status.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The REPLY_ACK status (0: success); None when the body is not one `u64`.
+    pub fn status(&self) -> Option<u64> {
+        <[u8; 8]>::try_from(self.body.as_slice())
+            .ok()
+            .map(u64::from_le_bytes)
+    }
 }
 
 /// The device's end of the VMM's backend request channel.
@@ -115,6 +135,8 @@ pub struct BackendChannel {
     sock: OwnedFd,
     /// Set once the framing is lost: every later request fails with it.
     broken: Option<String>,
+    /// Bytes of a reply not yet whole.
+    inbuf: Vec<u8>,
 }
 
 impl BackendChannel {
@@ -123,6 +145,7 @@ impl BackendChannel {
         BackendChannel {
             sock: sock.into(),
             broken: None,
+            inbuf: Vec::new(),
         }
     }
 
@@ -155,6 +178,7 @@ impl BackendChannel {
                 Ok(BackendChannel {
                     sock: channel.dup,
                     broken: None,
+                    inbuf: Vec::new(),
                 })
             }
             (None, _) => Err(ChannelError::NotFound(
@@ -166,21 +190,10 @@ impl BackendChannel {
         }
     }
 
-    /// Sends SHMEM_MAP of `fd` and waits for the VMM's ack.
-    pub fn shmem_map(
-        &mut self,
-        msg: &VhostUserMMap,
-        fd: BorrowedFd<'_>,
-    ) -> Result<(), ChannelError> {
-        self.request(BackendReq::SHMEM_MAP, msg, Some(fd))
-    }
-
-    /// Sends SHMEM_UNMAP and waits for the VMM's ack.
-    pub fn shmem_unmap(&mut self, msg: &VhostUserMMap) -> Result<(), ChannelError> {
-        self.request(BackendReq::SHMEM_UNMAP, msg, None)
-    }
-
-    fn request(
+    /// Writes one request (with `fd` attached, if any) without waiting for anything: the
+    /// reply is read by [`BackendChannel::read_replies`] once the socket is readable.
+    /// Every request asks for a reply.
+    pub fn send_request(
         &mut self,
         request: BackendReq,
         msg: &VhostUserMMap,
@@ -189,61 +202,6 @@ impl BackendChannel {
         if let Some(why) = &self.broken {
             return Err(ChannelError::Framing(why.clone()));
         }
-        let result = self.exchange(request, msg, fd);
-        if let Err(ChannelError::Framing(why)) = &result {
-            self.broken = Some(why.clone());
-        }
-        result
-    }
-
-    fn exchange(
-        &mut self,
-        request: BackendReq,
-        msg: &VhostUserMMap,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ChannelError> {
-        // Whatever is readable now answers no request of ours.
-        while let Some(stale) = self.read_reply(MsgFlags::MSG_DONTWAIT)? {
-            log::warn!(
-                "ignored a reply from the VMM that answers no pending request (code {}: \
-                 a duplicated or late ack)",
-                stale.header.code
-            );
-        }
-        self.send(request, msg, fd)?;
-        loop {
-            let reply = self
-                .read_reply(MsgFlags::empty())?
-                .ok_or(ChannelError::Closed)?;
-            if reply.header.code != request as u32 {
-                log::warn!(
-                    "ignored a reply to code {} from the VMM while waiting for {request:?}'s \
-                     (a duplicated or late ack)",
-                    reply.header.code
-                );
-                continue;
-            }
-            let status = <[u8; 8]>::try_from(reply.body.as_slice())
-                .map(u64::from_le_bytes)
-                .map_err(|_| {
-                    ChannelError::Framing(format!(
-                        "a {}-byte reply to {request:?} (expected 8)",
-                        reply.body.len()
-                    ))
-                })?;
-            return match status {
-                0 => Ok(()),
-                status => Err(ChannelError::Refused { request, status }),
-            };
-        }
-    }
-
-    fn send(
-        &self,
-        request: BackendReq,
-        msg: &VhostUserMMap,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<(), ChannelError> {
         let header = Header {
             code: request as u32,
             flags: VERSION_1 | VhostUserHeaderFlag::NEED_REPLY.bits(),
@@ -254,66 +212,107 @@ impl BackendChannel {
         let fds = fd.map(|f| [f.as_raw_fd()]);
         let cmsgs: Vec<ControlMessage<'_>> =
             fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
-        let send_err = |err: io::Error| ChannelError::Send { request, err };
-        let mut sent = 0;
-        while sent < bytes.len() {
-            // The descriptor travels with the first byte only.
-            let cmsgs = if sent == 0 { &cmsgs[..] } else { &[] };
-            let iov = [IoSlice::new(&bytes[sent..])];
+        let iov = [IoSlice::new(&bytes)];
+        let sent = loop {
             match sendmsg::<()>(
                 self.sock.as_raw_fd(),
                 &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
+                &cmsgs,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                 None,
             ) {
-                Ok(n) => sent += n,
+                Ok(n) => break n,
                 Err(Errno::EINTR) => {}
-                Err(e) => return Err(send_err(e.into())),
+                Err(Errno::EAGAIN) => return Err(ChannelError::Stalled { request }),
+                Err(e) => {
+                    return Err(ChannelError::Send {
+                        request,
+                        err: e.into(),
+                    })
+                }
+            }
+        };
+        if sent < bytes.len() {
+            // A stream socket takes part of a message only when its buffer is all but
+            // full: the rest cannot be written without waiting, and a request cut in two
+            // leaves nothing on the channel that can be read correctly.
+            let why = format!(
+                "only {sent} of the {} bytes of a {request:?} request fit in the socket",
+                bytes.len()
+            );
+            self.broken = Some(why.clone());
+            return Err(ChannelError::Framing(why));
+        }
+        Ok(())
+    }
+
+    /// Reads what the VMM has written so far, without waiting, and appends every whole
+    /// reply to `out`. A reply cut short stays buffered for the next call. `Closed` once
+    /// the VMM has closed its end (after the replies before the end are in `out`).
+    pub fn read_replies(&mut self, out: &mut Vec<Reply>) -> Result<(), ChannelError> {
+        if let Some(why) = &self.broken {
+            return Err(ChannelError::Framing(why.clone()));
+        }
+        // A bound on one call's reads: a VMM that writes without pause gets the rest read
+        // on the event loop's next round, not this one.
+        for _ in 0..MAX_READS_PER_CALL {
+            let mut chunk = [0u8; 512];
+            let got = self.recv_chunk(&mut chunk)?;
+            let Some(got) = got else {
+                return Ok(());
+            };
+            if got == 0 {
+                return Err(ChannelError::Closed);
+            }
+            self.inbuf.extend_from_slice(&chunk[..got]);
+            if let Err(e) = self.parse(out) {
+                if let ChannelError::Framing(why) = &e {
+                    self.broken = Some(why.clone());
+                }
+                return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Reads one whole message. With `MSG_DONTWAIT`, `None` when nothing is waiting; the
-    /// rest of a message whose first byte has arrived is waited for, since the VMM writes
-    /// it in one go. Without, `None` means the VMM closed the channel.
-    fn read_reply(&self, first: MsgFlags) -> Result<Option<Reply>, ChannelError> {
-        let mut raw = [0u8; Header::LEN];
-        match self.read_exact(&mut raw, first)? {
-            0 => return Ok(None),
-            n if n < Header::LEN => return Err(ChannelError::Closed),
-            _ => {}
+    /// Moves every whole message at the front of `inbuf` to `out`.
+    fn parse(&mut self, out: &mut Vec<Reply>) -> Result<(), ChannelError> {
+        loop {
+            let Some(raw) = self.inbuf.first_chunk::<{ Header::LEN }>() else {
+                return Ok(());
+            };
+            let header = Header::from_bytes(raw);
+            let size = header.size;
+            if !header.is_reply() || size > MAX_REPLY_BODY {
+                return Err(ChannelError::Framing(format!(
+                    "flags {:#x} and a {size}-byte body where a reply belongs",
+                    header.flags
+                )));
+            }
+            let end = Header::LEN + size as usize;
+            if self.inbuf.len() < end {
+                return Ok(());
+            }
+            let body = self.inbuf[Header::LEN..end].to_vec();
+            self.inbuf.drain(..end);
+            out.push(Reply {
+                code: header.code,
+                body,
+            });
         }
-        let header = Header::from_bytes(&raw);
-        let size = header.size;
-        if !header.is_reply() || size > MAX_REPLY_BODY {
-            return Err(ChannelError::Framing(format!(
-                "flags {:#x} and a {size}-byte body where a reply belongs",
-                header.flags
-            )));
-        }
-        let mut body = vec![0u8; size as usize];
-        if self.read_exact(&mut body, MsgFlags::empty())? < body.len() {
-            return Err(ChannelError::Closed);
-        }
-        Ok(Some(Reply { header, body }))
     }
 
-    /// Fills `buf` (the first read with `first`, the rest blocking); returns how much was
-    /// read before end of stream, or 0 when `MSG_DONTWAIT` found nothing. Descriptors sent
-    /// along are closed: no reply carries any.
-    fn read_exact(&self, buf: &mut [u8], first: MsgFlags) -> Result<usize, ChannelError> {
-        let mut filled = 0;
-        let mut flags = first;
-        while filled < buf.len() {
+    /// One non-blocking read: None when nothing is waiting, Some(0) at end of stream.
+    /// Descriptors sent along are closed: no reply carries any.
+    fn recv_chunk(&self, buf: &mut [u8]) -> Result<Option<usize>, ChannelError> {
+        loop {
             let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-            let mut iov = [IoSliceMut::new(&mut buf[filled..])];
-            let got = match recvmsg::<()>(
+            let mut iov = [IoSliceMut::new(buf)];
+            return match recvmsg::<()>(
                 self.sock.as_raw_fd(),
                 &mut iov,
                 Some(&mut cmsg),
-                flags | MsgFlags::MSG_CMSG_CLOEXEC,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Ok(msg) => {
                     for c in msg.cmsgs().into_iter().flatten() {
@@ -329,21 +328,13 @@ impl BackendChannel {
                             }
                         }
                     }
-                    msg.bytes
+                    Ok(Some(msg.bytes))
                 }
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) if filled == 0 && flags.contains(MsgFlags::MSG_DONTWAIT) => {
-                    return Ok(0)
-                }
-                Err(e) => return Err(ChannelError::Recv(e.into())),
+                Err(Errno::EAGAIN) => Ok(None),
+                Err(e) => Err(ChannelError::Recv(e.into())),
             };
-            if got == 0 {
-                return Ok(filled);
-            }
-            filled += got;
-            flags = MsgFlags::empty();
         }
-        Ok(filled)
     }
 }
 
@@ -417,12 +408,12 @@ fn inode_of(fd: RawFd) -> Option<(u64, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    const SHMEM_MAP: u32 = BackendReq::SHMEM_MAP as u32;
-    const SHMEM_UNMAP: u32 = BackendReq::SHMEM_UNMAP as u32;
+    pub(crate) const SHMEM_MAP: u32 = BackendReq::SHMEM_MAP as u32;
+    pub(crate) const SHMEM_UNMAP: u32 = BackendReq::SHMEM_UNMAP as u32;
 
     fn unmap_msg(offset: u64) -> VhostUserMMap {
         VhostUserMMap {
@@ -434,16 +425,16 @@ mod tests {
     }
 
     /// The VMM's side: reads one request, returns its header.
-    fn read_request(vmm: &mut UnixStream) -> Header {
+    pub(crate) fn read_request(vmm: &mut UnixStream) -> (u32, u32) {
         let mut raw = [0u8; Header::LEN];
         vmm.read_exact(&mut raw).expect("request header");
         let header = Header::from_bytes(&raw);
         let mut body = vec![0u8; header.size as usize];
         vmm.read_exact(&mut body).expect("request body");
-        header
+        (header.code, header.flags)
     }
 
-    fn reply(vmm: &mut UnixStream, code: u32, status: u64) {
+    pub(crate) fn reply_bytes(code: u32, status: u64) -> Vec<u8> {
         let header = Header {
             code,
             flags: VERSION_1 | VhostUserHeaderFlag::REPLY.bits(),
@@ -451,107 +442,119 @@ mod tests {
         };
         let mut out = header.to_bytes().to_vec();
         out.extend_from_slice(&status.to_le_bytes());
-        vmm.write_all(&out).expect("reply");
+        out
     }
 
-    fn pair() -> (BackendChannel, UnixStream) {
+    pub(crate) fn pair() -> (BackendChannel, UnixStream) {
         let (ours, vmm) = UnixStream::pair().expect("socketpair");
         vmm.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .expect("timeout");
         (BackendChannel::from_stream(ours), vmm)
     }
 
-    #[test]
-    fn requests_ask_for_a_reply_and_take_the_status() {
-        let (mut ch, mut vmm) = pair();
-        let vmm = std::thread::spawn(move || {
-            let h = read_request(&mut vmm);
-            assert_eq!(h.code, SHMEM_UNMAP);
-            assert_ne!(h.flags & VhostUserHeaderFlag::NEED_REPLY.bits(), 0);
-            reply(&mut vmm, SHMEM_UNMAP, 0);
-            read_request(&mut vmm);
-            reply(&mut vmm, SHMEM_UNMAP, 22);
-        });
-        ch.shmem_unmap(&unmap_msg(0)).expect("acked");
-        assert!(matches!(
-            ch.shmem_unmap(&unmap_msg(0)),
-            Err(ChannelError::Refused { status: 22, .. })
-        ));
-        vmm.join().expect("vmm");
+    /// Waits (bounded) until `fd` is readable, as the event loop would.
+    pub(crate) fn wait_readable(fd: BorrowedFd<'_>) {
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let n = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16)).expect("poll");
+        assert_eq!(n, 1, "nothing readable on the channel within 10 s");
     }
 
     #[test]
-    fn a_duplicated_ack_is_drained_before_the_next_request() {
+    fn requests_ask_for_a_reply_and_replies_carry_the_status() {
         let (mut ch, mut vmm) = pair();
-        let memfd = nix::sys::memfd::memfd_create("blob", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .expect("memfd");
-        let (acked_tx, acked_rx) = std::sync::mpsc::channel();
-        let vmm = std::thread::spawn(move || {
-            read_request(&mut vmm);
-            reply(&mut vmm, SHMEM_UNMAP, 0);
-            reply(&mut vmm, SHMEM_UNMAP, 0);
-            acked_tx.send(()).expect("signal");
-            // The map must be answered by its own reply, a failure here: were the stale
-            // UNMAP ack taken for it, the map would "succeed".
-            assert_eq!(read_request(&mut vmm).code, SHMEM_MAP);
-            reply(&mut vmm, SHMEM_MAP, 5);
-        });
-        ch.shmem_unmap(&unmap_msg(0)).expect("first unmap");
-        acked_rx.recv().expect("the VMM wrote both acks");
-        let r = ch.shmem_map(&unmap_msg(0), memfd.as_fd());
-        assert!(
-            matches!(r, Err(ChannelError::Refused { status: 5, .. })),
-            "the map took a stale ack: {r:?}"
-        );
-        vmm.join().expect("vmm");
+        ch.send_request(BackendReq::SHMEM_UNMAP, &unmap_msg(0), None)
+            .expect("sent");
+        let (code, flags) = read_request(&mut vmm);
+        assert_eq!(code, SHMEM_UNMAP);
+        assert_ne!(flags & VhostUserHeaderFlag::NEED_REPLY.bits(), 0);
+        let mut out = Vec::new();
+        ch.read_replies(&mut out).expect("nothing to read is fine");
+        assert!(out.is_empty(), "a reply before the VMM wrote one: {out:?}");
+        vmm.write_all(&reply_bytes(SHMEM_UNMAP, 22)).expect("reply");
+        wait_readable(ch.as_fd());
+        ch.read_replies(&mut out).expect("read");
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].code, out[0].status()), (SHMEM_UNMAP, Some(22)));
     }
 
     #[test]
-    fn a_reply_to_another_code_is_skipped_while_waiting() {
+    fn a_reply_cut_in_two_is_kept_until_whole() {
         let (mut ch, mut vmm) = pair();
-        let vmm = std::thread::spawn(move || {
-            read_request(&mut vmm);
-            reply(&mut vmm, SHMEM_MAP, 0);
-            reply(&mut vmm, SHMEM_UNMAP, 3);
-        });
-        assert!(matches!(
-            ch.shmem_unmap(&unmap_msg(0)),
-            Err(ChannelError::Refused { status: 3, .. })
-        ));
-        vmm.join().expect("vmm");
+        let bytes = reply_bytes(SHMEM_MAP, 0);
+        let mut out = Vec::new();
+        vmm.write_all(&bytes[..7]).expect("first part");
+        wait_readable(ch.as_fd());
+        ch.read_replies(&mut out).expect("read");
+        assert!(out.is_empty(), "half a reply taken for a whole one");
+        vmm.write_all(&bytes[7..]).expect("rest");
+        wait_readable(ch.as_fd());
+        ch.read_replies(&mut out).expect("read");
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].code, out[0].status()), (SHMEM_MAP, Some(0)));
     }
 
     #[test]
     fn a_non_reply_breaks_the_channel_for_good() {
         let (mut ch, mut vmm) = pair();
-        let vmm = std::thread::spawn(move || {
-            read_request(&mut vmm);
-            let bogus = Header {
-                code: SHMEM_UNMAP,
-                flags: VERSION_1,
-                size: u32::MAX,
-            };
-            vmm.write_all(&bogus.to_bytes()).expect("write");
-            vmm
-        });
+        let bogus = Header {
+            code: SHMEM_UNMAP,
+            flags: VERSION_1,
+            size: u32::MAX,
+        };
+        vmm.write_all(&bogus.to_bytes()).expect("write");
+        wait_readable(ch.as_fd());
+        let mut out = Vec::new();
         assert!(matches!(
-            ch.shmem_unmap(&unmap_msg(0)),
+            ch.read_replies(&mut out),
             Err(ChannelError::Framing(_))
         ));
-        let _vmm = vmm.join().expect("vmm");
         assert!(matches!(
-            ch.shmem_unmap(&unmap_msg(0)),
+            ch.send_request(BackendReq::SHMEM_UNMAP, &unmap_msg(0), None),
             Err(ChannelError::Framing(_))
         ));
     }
 
     #[test]
-    fn a_closed_channel_is_reported() {
-        let (mut ch, vmm) = pair();
+    fn a_closed_channel_is_reported_after_the_replies_before_it() {
+        let (mut ch, mut vmm) = pair();
+        vmm.write_all(&reply_bytes(SHMEM_UNMAP, 0)).expect("reply");
         drop(vmm);
+        let mut out = Vec::new();
         assert!(matches!(
-            ch.shmem_unmap(&unmap_msg(0)),
-            Err(ChannelError::Send { .. } | ChannelError::Closed)
+            ch.read_replies(&mut out),
+            Err(ChannelError::Closed)
         ));
+        assert_eq!(out.len(), 1, "the reply written before the close is lost");
+        assert!(ch
+            .send_request(BackendReq::SHMEM_UNMAP, &unmap_msg(0), None)
+            .is_err_and(|e| e.is_fatal()));
+    }
+
+    #[test]
+    fn descriptors_sent_with_a_reply_are_closed() {
+        let (mut ch, vmm) = pair();
+        let memfd = nix::sys::memfd::memfd_create("stray", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .expect("memfd");
+        let bytes = reply_bytes(SHMEM_MAP, 0);
+        let fds = [memfd.as_raw_fd()];
+        sendmsg::<()>(
+            vmm.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send");
+        let strays = || {
+            std::fs::read_dir("/proc/self/fd")
+                .expect("fds")
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().contains("memfd:stray"))
+                .count()
+        };
+        let mut out = Vec::new();
+        ch.read_replies(&mut out).expect("read");
+        assert_eq!(out.len(), 1);
+        assert_eq!(strays(), 1, "the VMM's descriptor was kept next to ours");
     }
 }

@@ -83,22 +83,54 @@ pub(crate) struct Blobs {
     reset_pending: bool,
 }
 
-impl std::fmt::Debug for VmmRequests {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VmmRequests")
-    }
-}
-
 impl Control {
     /// The VMM's backend request channel is up: blob maps can be requested.
-    pub(crate) fn set_vmm_channel(&mut self, vmm: VmmRequests) {
+    pub(crate) fn set_vmm_channel(&mut self, vmm: VmmRequests) -> Result<(), FrontendError> {
+        // A second channel on one connection replaces the first, which owes nothing more.
+        self.drop_vmm_channel()?;
         log::info!("backend request channel ready: blobs can be mapped");
         self.blobs.vmm = Some(vmm);
+        Ok(())
     }
 
-    /// Lets go of the VMM's backend request channel (its thread ends with it).
-    pub(crate) fn drop_vmm_channel(&mut self) {
+    /// Lets go of the VMM's backend request channel (the VMM has gone): what it still
+    /// owed is answered as failed.
+    pub(crate) fn drop_vmm_channel(&mut self) -> Result<(), FrontendError> {
+        if let Some(vmm) = self.blobs.vmm.as_mut() {
+            vmm.close();
+        }
+        self.take_vmm_answers()?;
         self.blobs.vmm = None;
+        Ok(())
+    }
+
+    /// The VMM's channel is readable (or hung up): takes its replies in. Returns how many
+    /// acknowledgments reached the state machine.
+    pub fn vmm_readable(&mut self) -> Result<usize, FrontendError> {
+        match self.blobs.vmm.as_mut() {
+            Some(vmm) => vmm.read_replies(),
+            None => return Ok(0),
+        }
+        self.take_vmm_answers()
+    }
+
+    /// Hands every acknowledgment read from the VMM to the state machine; those may send
+    /// new requests, whose sending reads any reply already back, hence the loop.
+    pub(crate) fn take_vmm_answers(&mut self) -> Result<usize, FrontendError> {
+        let mut taken = 0;
+        loop {
+            let answered = match self.blobs.vmm.as_mut() {
+                Some(vmm) => vmm.take_answered(),
+                None => return Ok(taken),
+            };
+            if answered.is_empty() {
+                return Ok(taken);
+            }
+            taken += answered.len();
+            for (resource_id, ack) in answered {
+                self.on_vmm_ack(resource_id, ack)?;
+            }
+        }
     }
 
     /// Live blobs, and those holding a range of the host-visible window (for the
@@ -641,11 +673,7 @@ impl Control {
     }
 
     /// An acknowledgment from the VMM.
-    pub(crate) fn on_vmm_ack(
-        &mut self,
-        resource_id: u32,
-        ack: VmmAck,
-    ) -> Result<(), FrontendError> {
+    fn on_vmm_ack(&mut self, resource_id: u32, ack: VmmAck) -> Result<(), FrontendError> {
         let event = match ack {
             VmmAck::Map(Ok(())) => Event::VmmMapAck,
             VmmAck::Map(Err(())) => Event::VmmMapFailed,
@@ -767,7 +795,7 @@ impl Control {
                     .slots
                     .get_mut(&resource_id)
                     .and_then(|s| s.export.take());
-                let sent = match (fd, self.blobs.vmm.as_ref()) {
+                let sent = match (fd, self.blobs.vmm.as_mut()) {
                     (Some(fd), Some(vmm)) => vmm.send(VmmRequest::Map {
                         resource_id,
                         offset,
@@ -800,7 +828,7 @@ impl Control {
                 Ok(())
             }
             Action::VmmUnmap { offset, len } => {
-                let sent = self.blobs.vmm.as_ref().is_some_and(|vmm| {
+                let sent = self.blobs.vmm.as_mut().is_some_and(|vmm| {
                     vmm.send(VmmRequest::Unmap {
                         resource_id,
                         offset,

@@ -55,13 +55,6 @@ pub enum Input {
     GpuSocket(GpuBackend),
     /// VHOST_USER_RESET_DEVICE.
     Reset,
-    /// The VMM answered a SHMEM_MAP / SHMEM_UNMAP request.
-    Vmm {
-        /// The blob.
-        resource_id: u32,
-        /// What it answered.
-        ack: crate::vmm_requests::VmmAck,
-    },
     /// The VMM's backend request channel is up (VHOST_USER_SET_BACKEND_REQ_FD).
     VmmChannel(crate::vmm_requests::VmmRequests),
     /// The VMM disconnected and the device will serve another connection: reset it as a
@@ -297,8 +290,7 @@ impl Control {
                 Err(e) => log::warn!("display socket handshake failed: {e}"),
             },
             Input::Reset => self.reset()?,
-            Input::Vmm { resource_id, ack } => self.on_vmm_ack(resource_id, ack)?,
-            Input::VmmChannel(vmm) => self.set_vmm_channel(vmm),
+            Input::VmmChannel(vmm) => self.set_vmm_channel(vmm)?,
             Input::Disconnected { done } => {
                 // Nothing of the old VMM may be used again: its memory table and rings
                 // are gone, and the renderer's Reset drops its mappings.
@@ -306,6 +298,8 @@ impl Control {
                 self.vrings = [None, None];
                 self.stopping = [None, None];
                 self.disconnected = Some(done);
+                // Its mappings went with it: the reset's unmaps need no ack from it.
+                self.drop_vmm_channel()?;
                 self.reset()?;
             }
             Input::StopQueue { queue, done } => {
@@ -375,6 +369,8 @@ impl Control {
     /// every request the batch made, in one message. Called by the event loop before it
     /// sleeps again.
     pub fn finish_batch(&mut self) -> Result<(), FrontendError> {
+        // Acks that arrived while a request to the VMM was being sent.
+        self.take_vmm_answers()?;
         self.settle()?;
         if let Err(e) = self.link.flush() {
             self.renderer_gone(&e.to_string());
@@ -487,7 +483,7 @@ impl Control {
             // The last unmap (if any) has been acknowledged, the channel is no longer
             // needed; the next VMM brings its own display socket and channel.
             self.display = None;
-            self.drop_vmm_channel();
+            self.drop_vmm_channel()?;
             log::info!(
                 "device reset after the VMM disconnected: {} command(s) served so far",
                 self.stats.commands

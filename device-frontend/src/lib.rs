@@ -60,7 +60,9 @@ fn new_daemon(
         .renderer_doorbell_fd()
         .ok_or_else(|| FrontendError::Daemon("control actor poisoned".into()))?;
     let metrics = metrics_timer.map(|fd| (fd, mailbox::METRICS_EVENT, "metrics timer"));
-    for handler in daemon.get_epoll_handlers() {
+    let handlers = daemon.get_epoll_handlers();
+    device.set_event_loop(&handlers);
+    for handler in handlers {
         for (fd, event, what) in [
             (device.mailbox_fd(), mailbox::MAILBOX_EVENT, "mailbox"),
             (doorbell, mailbox::RENDERER_EVENT, "renderer doorbell"),

@@ -19,6 +19,8 @@ pub const MAILBOX_EVENT: u16 = crate::control::NUM_QUEUES as u16 + 1;
 pub const RENDERER_EVENT: u16 = MAILBOX_EVENT + 1;
 /// The epoll `data` value of the metrics timer (`--metrics-file`).
 pub const METRICS_EVENT: u16 = RENDERER_EVENT + 1;
+/// The epoll `data` value of the VMM's backend request channel (its replies).
+pub const VMM_EVENT: u16 = METRICS_EVENT + 1;
 
 /// Posting side; cheap to clone, usable from any thread.
 #[derive(Clone)]

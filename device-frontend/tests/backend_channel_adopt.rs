@@ -34,7 +34,7 @@ fn adopt_finds_the_socket_vhost_hid_and_leaves_the_others_open() {
         reply.extend_from_slice(&8u32.to_le_bytes());
         reply.extend_from_slice(&0u64.to_le_bytes());
         vmm.write_all(&reply).expect("reply");
-        code
+        (code, vmm)
     });
     let msg = VhostUserMMap {
         shmid: 1,
@@ -42,9 +42,17 @@ fn adopt_finds_the_socket_vhost_hid_and_leaves_the_others_open() {
         ..Default::default()
     };
     channel
-        .shmem_unmap(&msg)
+        .send_request(BackendReq::SHMEM_UNMAP, &msg, None)
+        .expect("sent");
+    let (code, _vmm) = vmm
+        .join()
         .expect("the adopted socket reaches the VMM's end");
-    assert_eq!(vmm.join().expect("vmm"), BackendReq::SHMEM_UNMAP as u32);
+    assert_eq!(code, BackendReq::SHMEM_UNMAP as u32);
+    // The VMM has written its reply before its thread ended.
+    let mut replies = Vec::new();
+    channel.read_replies(&mut replies).expect("the reply");
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].status(), Some(0));
 
     // The decoy is untouched: still open, still connected.
     assert!(decoy.as_raw_fd() >= 0);

@@ -12,10 +12,10 @@
 //! harness drives as a driver would; the VMM's display socket, when a run asks for it, is
 //! the test VMM's display peer (`vgpu_tests::display`), and its backend request channel,
 //! when a run asks for one, is the test VMM's SHMEM_MAP/UNMAP server over a real hostmem
-//! window (`vgpu_tests::backend_req`), behind the frontend's own request thread; both
-//! report protocol violations. That thread answers asynchronously: the harness waits for
-//! its acks only where a command is suspended on them, so a run with the backend channel
-//! is deterministic except for when an ack nobody waits for is taken in.
+//! window (`vgpu_tests::backend_req`), whose server thread answers the frontend's
+//! requests; both report protocol violations. That thread answers asynchronously: the
+//! harness waits for its acks only where a command is suspended on them, so a run with the
+//! backend channel is deterministic except for when an ack nobody waits for is taken in.
 //! Not covered: the vhost-user socket itself (the VMM side of the rings is set up
 //! directly), the processes' sandboxes, and virgl.
 //!
@@ -35,13 +35,11 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Result as ArbResult, Unstructured};
 use device_frontend::backend_channel::BackendChannel;
 use device_frontend::control::{Control, GuestMem, Input, CONTROL_QUEUE, CURSOR_QUEUE};
-use device_frontend::mailbox::{self, Inbox};
 use device_frontend::renderer_link::RendererLink;
 use device_frontend::vmm_requests::{VmmRequests, HOSTMEM_SHMID};
 use ipc_channel::ipc::{self, IpcReceiver};
@@ -525,12 +523,9 @@ pub struct Harness {
     answers: Vec<(String, u32)>,
 }
 
-/// The VMM's side of the backend request channel and the actor's mailbox its acks come
-/// back through.
+/// The VMM's side of the backend request channel.
 struct Vmm {
     server: BackendRequests,
-    inbox: Inbox,
-    thread: JoinHandle<()>,
     /// Acks handed to the actor so far.
     delivered: usize,
 }
@@ -619,10 +614,7 @@ impl Harness {
             let (server, device_end) =
                 BackendRequests::start(Arc::new(window), HOSTMEM_SHMID, true)
                     .expect("backend request server");
-            let (mailbox, inbox) = mailbox::mailbox().expect("mailbox");
-            let (requests, thread) =
-                VmmRequests::start(BackendChannel::from_stream(device_end), mailbox)
-                    .expect("request thread");
+            let requests = VmmRequests::new(BackendChannel::from_stream(device_end));
             control
                 .handle(Input::VmmChannel(requests))
                 .expect("backend request channel");
@@ -641,8 +633,6 @@ impl Harness {
             }
             Vmm {
                 server,
-                inbox,
-                thread,
                 delivered: 0,
             }
         });
@@ -691,24 +681,13 @@ impl Harness {
     }
 
     /// Kicks both queues one last time (whatever was left deferred must be answered),
-    /// checks, and takes everything down, the VMM's request thread included.
+    /// checks, and takes everything down.
     pub fn finish(mut self) -> Vec<(String, u32)> {
         for q in 0..2 {
             self.kick(q);
         }
         self.check("final kicks");
-        let Harness {
-            control,
-            vmm,
-            answers,
-            ..
-        } = self;
-        // Its request sender goes with the actor, which ends the request thread.
-        drop(control);
-        if let Some(vmm) = vmm {
-            let _ = vmm.thread.join();
-        }
-        answers
+        self.answers
     }
 
     /// Response types of the chains answered so far, with what each command was.
@@ -737,8 +716,8 @@ impl Harness {
             let Some(vmm) = self.vmm.as_mut() else {
                 return;
             };
-            let inputs: Vec<Input> = vmm.inbox.drain().collect();
-            if inputs.is_empty() {
+            let taken = self.control.vmm_readable().expect("VMM acks");
+            if taken == 0 {
                 let acked = vmm
                     .server
                     .count(|e| e.is_acked(RequestKind::Map) || e.is_acked(RequestKind::Unmap));
@@ -752,18 +731,12 @@ impl Harness {
                 if Instant::now() >= limit {
                     return;
                 }
-                // The request thread posts an ack microseconds after the VMM wrote it.
+                // The ack is in the socket microseconds after the VMM wrote it.
                 std::thread::sleep(Duration::from_micros(20));
                 continue;
             }
-            vmm.delivered += inputs
-                .iter()
-                .filter(|i| matches!(i, Input::Vmm { .. }))
-                .count();
-            for input in inputs {
-                self.control.handle(input).expect("control actor input");
-                self.pump();
-            }
+            vmm.delivered += taken;
+            self.pump();
         }
     }
 
