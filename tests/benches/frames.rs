@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vgpu_tests::bench::{fmt, our_binary, percentile, reference_binary};
+use vgpu_tests::bench::{
+    fmt, our_binary, percentile, reference_binary, table_row, table_rule, turned_ratio, Args,
+};
 use vgpu_tests::display::DisplayConfig;
 use vgpu_tests::gpu::{format, resp, Rect};
 use vgpu_tests::scenario::pattern;
@@ -77,50 +79,18 @@ fn parse_args() -> BenchResult<Options> {
         samples: 500,
         commands: 8000,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (a.clone(), None),
-        };
-        let mut value = || -> BenchResult<String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{key} needs a value"))
-        };
-        let num = |s: String| -> BenchResult<u64> {
-            s.parse::<u64>()
-                .map_err(|_| format!("{key}: not a number: {s}"))
-        };
+    let mut args = Args::new(std::env::args().skip(1));
+    while let Some((key, mut opt)) = args.next_option() {
         match key.as_str() {
             // `cargo bench` passes --bench to every bench binary.
             "--bench" => {}
-            "--backend" => {
-                let v = value()?;
-                if !["ours", "reference", "both"].contains(&v.as_str()) {
-                    return Err(format!(
-                        "--backend must be ours, reference or both, not {v}"
-                    ));
-                }
-                o.backends = v;
-            }
-            "--frames" => o.frames = num(value()?)?.clamp(1, 100_000) as u32,
-            "--size" => {
-                let v = value()?;
-                let (w, h) = v
-                    .split_once('x')
-                    .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-                    .ok_or_else(|| format!("--size wants WxH, not {v}"))?;
-                if !(DAMAGE..=8192).contains(&w) || !(DAMAGE..=8192).contains(&h) {
-                    return Err(format!("--size {v}: each side must be {DAMAGE}..8192"));
-                }
-                (o.width, o.height) = (w, h);
-            }
-            "--reps" => o.reps = num(value()?)?.clamp(1, 1000) as usize,
-            "--warmup" => o.warmup = num(value()?)?.min(100) as usize,
-            "--samples" => o.samples = num(value()?)?.clamp(10, 1_000_000) as usize,
-            "--commands" => o.commands = num(value()?)?.clamp(WINDOW as u64, 10_000_000) as usize,
+            "--backend" => o.backends = opt.backends()?,
+            "--frames" => o.frames = opt.num()?.clamp(1, 100_000) as u32,
+            "--size" => (o.width, o.height) = opt.size(DAMAGE, 8192)?,
+            "--reps" => o.reps = opt.num()?.clamp(1, 1000) as usize,
+            "--warmup" => o.warmup = opt.num()?.min(100) as usize,
+            "--samples" => o.samples = opt.num()?.clamp(10, 1_000_000) as usize,
+            "--commands" => o.commands = opt.num()?.clamp(WINDOW as u64, 10_000_000) as usize,
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench -p vgpu-tests --bench frames -- [--backend ours|reference|both] \
@@ -791,22 +761,29 @@ fn main() {
             None => "-".into(),
         }
     };
+    const WIDTHS: [usize; 5] = [52, 7, 28, 28, 22];
     println!(
-        "| {:<52} | {:>7} | {:>28} | {:>28} | {:>22} |",
-        "benchmark", "unit", "vgpu-sandbox", "QEMU vhost-user-gpu", "ratio"
+        "{}",
+        table_row(
+            &[
+                "benchmark",
+                "unit",
+                "vgpu-sandbox",
+                "QEMU vhost-user-gpu",
+                "ratio"
+            ],
+            &WIDTHS
+        )
     );
-    println!(
-        "|{:-<54}|{:-<9}|{:->30}|{:->30}|{:->24}|",
-        "", "", "", "", ""
-    );
+    println!("{}", table_rule(&WIDTHS));
     for m in &metrics {
         let ratio = match (ours, theirs) {
             (Some(a), Some(b)) => {
-                let flip = |x: f64| if m.higher_is_better { x } else { 1.0 / x };
+                let turn = |x: f64, y: f64| turned_ratio(x, y, m.higher_is_better);
                 let va: Vec<f64> = samples[a].iter().map(m.get).collect();
                 let vb: Vec<f64> = samples[b].iter().map(m.get).collect();
-                let r = flip(stats(&va).0 / stats(&vb).0);
-                let per: Vec<f64> = va.iter().zip(&vb).map(|(x, y)| flip(x / y)).collect();
+                let r = turn(stats(&va).0, stats(&vb).0);
+                let per: Vec<f64> = va.iter().zip(&vb).map(|(x, y)| turn(*x, *y)).collect();
                 let (_, lo, hi) = stats(&per);
                 format!("{r:.2}x [{lo:.2} .. {hi:.2}]")
             }
@@ -814,12 +791,11 @@ fn main() {
             _ => "n/a (one backend)".into(),
         };
         println!(
-            "| {:<52} | {:>7} | {:>28} | {:>28} | {:>22} |",
-            m.name,
-            m.unit,
-            col(ours, m),
-            col(theirs, m),
-            ratio
+            "{}",
+            table_row(
+                &[m.name, m.unit, &col(ours, m), &col(theirs, m), &ratio],
+                &WIDTHS
+            )
         );
     }
 

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vgpu_tests::bench::{fmt, our_binary, percentile, reference_binary};
+use vgpu_tests::bench::{
+    fmt, fmt_ratio, our_binary, percentile, reference_binary, table_rule, turned_ratio, Args,
+};
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
 use vgpu_tests::display::DisplayConfig;
 use vgpu_tests::gpu::{blob, capset, format, resp, BlobParams, MemEntry, Rect};
@@ -104,55 +106,23 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> BenchResult<Option
         fleet: 0,
         fleet_frames: 60,
     };
-    let mut args = args.into_iter();
-    while let Some(a) = args.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (a.clone(), None),
-        };
-        let mut value = || -> BenchResult<String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{key} needs a value"))
-        };
-        let num = |s: String| -> BenchResult<u64> {
-            s.parse::<u64>()
-                .map_err(|_| format!("{key}: not a number: {s}"))
-        };
+    let mut args = Args::new(args);
+    while let Some((key, mut opt)) = args.next_option() {
         match key.as_str() {
             "--bench" => {}
-            "--backend" => {
-                let v = value()?;
-                if !["ours", "reference", "both"].contains(&v.as_str()) {
-                    return Err(format!(
-                        "--backend must be ours, reference or both, not {v}"
-                    ));
-                }
-                o.backends = v;
-            }
-            "--size" => {
-                let v = value()?;
-                let (w, h) = v
-                    .split_once('x')
-                    .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-                    .ok_or_else(|| format!("--size wants WxH, not {v}"))?;
-                if !(DAMAGE..=4096).contains(&w) || !(DAMAGE..=4096).contains(&h) {
-                    return Err(format!("--size {v}: each side must be {DAMAGE}..4096"));
-                }
-                (o.width, o.height) = (w, h);
-            }
-            "--frames" => o.frames = num(value()?)?.clamp(1, 100_000) as u32,
-            "--samples" => o.samples = num(value()?)?.clamp(1, 1_000_000) as usize,
-            "--commands" => o.commands = num(value()?)?.clamp(1, 1_000_000) as usize,
-            "--blob-cycles" => o.blob_cycles = num(value()?)?.clamp(1, 1_000_000) as usize,
-            "--pingpongs" => o.pingpongs = num(value()?)?.clamp(1, 10_000_000) as usize,
-            "--memcpys" => o.memcpys = num(value()?)?.clamp(1, 100_000) as usize,
-            "--reps" => o.reps = num(value()?)?.clamp(1, 1000) as usize,
-            "--warmup" => o.warmup = num(value()?)?.min(100) as usize,
-            "--bin" => o.bin = Some(PathBuf::from(value()?)),
-            "--fleet" => o.fleet = num(value()?)?.min(256) as usize,
-            "--fleet-frames" => o.fleet_frames = num(value()?)?.clamp(1, 100_000) as u32,
+            "--backend" => o.backends = opt.backends()?,
+            "--size" => (o.width, o.height) = opt.size(DAMAGE, 4096)?,
+            "--frames" => o.frames = opt.num()?.clamp(1, 100_000) as u32,
+            "--samples" => o.samples = opt.num()?.clamp(1, 1_000_000) as usize,
+            "--commands" => o.commands = opt.num()?.clamp(1, 1_000_000) as usize,
+            "--blob-cycles" => o.blob_cycles = opt.num()?.clamp(1, 1_000_000) as usize,
+            "--pingpongs" => o.pingpongs = opt.num()?.clamp(1, 10_000_000) as usize,
+            "--memcpys" => o.memcpys = opt.num()?.clamp(1, 100_000) as usize,
+            "--reps" => o.reps = opt.num()?.clamp(1, 1000) as usize,
+            "--warmup" => o.warmup = opt.num()?.min(100) as usize,
+            "--bin" => o.bin = Some(PathBuf::from(opt.value()?)),
+            "--fleet" => o.fleet = opt.num()?.min(256) as usize,
+            "--fleet-frames" => o.fleet_frames = opt.num()?.clamp(1, 100_000) as u32,
             "-h" | "--help" => {
                 return Err("usage: cargo bench -p vgpu-tests --bench isolation -- \
                      [--backend ours|reference|both] [--size WxH] [--frames N] [--samples S] \
@@ -743,7 +713,81 @@ fn blob_session(b: &Backend, o: &Options, s: &mut Sample) -> BenchResult<()> {
     Ok(())
 }
 
-/// Single-core memcpy of one WxHx4 frame, repeated: GB/s (median over `n` copies).
+/// CPU time (ms) the test VMM's display peer spends per full WxH UPDATE: a [`DisplayPeer`]
+/// fed `frames` real UPDATE messages (the patterns in turn, each awaited) through a
+/// socketpair, timed by its thread's CPU clock (/proc/self/task/TID/schedstat), so the
+/// sender's own work is not counted. NaN where schedstat is missing.
+fn display_peer_ms(w: u32, h: u32, patterns: &[(Vec<u8>, u64)], frames: u32) -> BenchResult<f64> {
+    use std::io::Write;
+    use vgpu_tests::display::{req, DisplayPeer};
+    let tasks = || -> Vec<String> {
+        fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = tasks();
+    let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let peer = DisplayPeer::start(
+        theirs,
+        DisplayConfig {
+            outputs: vec![(w, h)],
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let message = |request: u32, words: &[u32], payload: usize| -> Vec<u8> {
+        let size = (words.len() * 4 + payload) as u32;
+        [request, 0, size]
+            .iter()
+            .chain(words)
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    };
+    let events = peer.events().clone();
+    ours.write_all(&message(req::SCANOUT, &[SCANOUT, w, h], 0))
+        .map_err(|e| format!("display socket: {e}"))?;
+    events
+        .wait_for("the SCANOUT", TIMEOUT, |e| {
+            matches!(e, DisplayEvent::Scanout { .. })
+        })
+        .map_err(|e| e.to_string())?;
+    // The peer's thread (named by itself once it runs: it has, it answered the SCANOUT).
+    let tid = tasks().into_iter().find(|t| {
+        !before.contains(t)
+            && fs::read_to_string(format!("/proc/self/task/{t}/comm"))
+                .is_ok_and(|c| c.trim() == "vmm-display")
+    });
+    let cpu_ns = || -> Option<u64> {
+        let t = fs::read_to_string(format!("/proc/self/task/{}/schedstat", tid.as_ref()?)).ok()?;
+        t.split_whitespace().next()?.parse().ok()
+    };
+    let t0 = cpu_ns();
+    for f in 0..frames as usize {
+        let (pixels, hash) = &patterns[f % patterns.len()];
+        ours.write_all(&message(req::UPDATE, &[SCANOUT, 0, 0, w, h], pixels.len()))
+            .and_then(|()| ours.write_all(pixels))
+            .map_err(|e| format!("display socket: {e}"))?;
+        match events.wait_update(SCANOUT, TIMEOUT) {
+            Ok(DisplayEvent::Update { hash: got, .. }) if got == *hash => {}
+            other => return Err(format!("display peer, frame {f}: {other:?}")),
+        }
+    }
+    let t1 = cpu_ns();
+    let v = events.violations();
+    if !v.is_empty() {
+        return Err(format!("display peer: violations {v:?}"));
+    }
+    Ok(match (t0, t1) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1e6 / f64::from(frames.max(1)),
+        _ => f64::NAN,
+    })
+}
+
+/// Single-core memcpy of one WxHx4 frame, repeated (the same two buffers, so they stay in
+/// the cache when they fit): GB/s (median over `n` copies).
 fn memcpy_gbps(bytes: usize, n: usize) -> f64 {
     let src: Vec<u8> = (0..bytes).map(|i| (i * 7) as u8).collect();
     let mut dst = vec![0u8; bytes];
@@ -757,6 +801,61 @@ fn memcpy_gbps(bytes: usize, n: usize) -> f64 {
         .collect();
     v.sort_by(f64::total_cmp);
     percentile(&v, 0.5)
+}
+
+/// Bytes of this machine's last-level cache (cpu0's cache index3), if sysfs says.
+fn llc_bytes() -> Option<usize> {
+    let s = fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?;
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = digits.parse().ok()?;
+    let mult = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    Some(n * mult).filter(|&b| b > 0)
+}
+
+/// The out-of-cache memcpy's working set: distinct (source, destination) pairs of `bytes`
+/// each, together at least 4x the last-level cache (256 MiB when sysfs does not say), so
+/// that every copy's source and destination were evicted since their last use.
+struct ColdSet {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ColdSet {
+    fn new(bytes: usize) -> ColdSet {
+        let total = llc_bytes().map_or(256 << 20, |c| c * 4);
+        let n = total.div_ceil(2 * bytes.max(1)).max(2);
+        // vec![x; n] with x != 0 writes every page: all are faulted in before timing.
+        let pairs = (0..n)
+            .map(|i| (vec![(i as u8) | 1; bytes], vec![0xffu8; bytes]))
+            .collect();
+        ColdSet { pairs }
+    }
+
+    fn bytes(&self) -> usize {
+        self.pairs.iter().map(|(s, d)| s.len() + d.len()).sum()
+    }
+
+    /// Single-core memcpy GB/s, median over `n` copies, each from the next pair in turn.
+    fn gbps(&mut self, n: usize) -> f64 {
+        let len = self.pairs.len();
+        let mut v: Vec<f64> = (0..n)
+            .map(|i| {
+                let (src, dst) = &mut self.pairs[i % len];
+                let bytes = src.len();
+                let t = Instant::now();
+                std::hint::black_box(&mut *dst).copy_from_slice(std::hint::black_box(&*src));
+                bytes as f64 / 1e9 / t.elapsed().as_secs_f64().max(1e-12)
+            })
+            .collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    }
 }
 
 /// 1-byte ping-pong over a Unix socketpair between this process and a forked child: the
@@ -889,20 +988,13 @@ pub fn run(o: &Options) -> BenchResult<String> {
         })
         .collect();
 
-    // What the test VMM's display peer spends per full frame (payload hash + framebuffer
-    // copy), inside every backend's frame time alike.
-    let harness_ms = {
-        let mut fb = vec![0u8; frame];
-        let t = Instant::now();
-        for (p, _) in &patterns {
-            std::hint::black_box(vgpu_tests::display::payload_hash(p));
-            fb.copy_from_slice(p);
-        }
-        std::hint::black_box(&fb);
-        t.elapsed().as_secs_f64() * 1e3 / patterns.len() as f64
-    };
+    // What the test VMM's display peer spends per full frame, inside every backend's frame
+    // time alike: its thread's CPU time for real UPDATE messages sent through a socketpair.
+    let harness_ms = display_peer_ms(w, h, &patterns, o.frames)?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); backends.len()];
     let mut memcpy = Vec::new();
+    let mut memcpy_cold = Vec::new();
+    let mut cold_set = ColdSet::new(frame);
     let mut sock: Vec<f64> = Vec::new();
     for rep in 0..o.warmup + o.reps {
         let counted = rep >= o.warmup;
@@ -933,14 +1025,19 @@ pub fn run(o: &Options) -> BenchResult<String> {
             }
         }
         let m = memcpy_gbps(frame, o.memcpys);
+        let mc = cold_set.gbps(o.memcpys);
         let p = socket_pingpong(o.pingpongs)?;
         if counted {
             memcpy.push(m);
+            memcpy_cold.push(mc);
             sock.extend(p);
         }
     }
     sock.sort_by(f64::total_cmp);
     let memcpy = median(&memcpy);
+    let memcpy_cold = median(&memcpy_cold);
+    let (cold_buffers, cold_mb) = (cold_set.pairs.len(), cold_set.bytes() as f64 / 1e6);
+    drop(cold_set);
     let (sock50, sock99) = (percentile(&sock, 0.5), percentile(&sock, 0.99));
 
     let ours = backends.iter().position(|b| b.kind == Kind::Ours);
@@ -1053,14 +1150,11 @@ pub fn run(o: &Options) -> BenchResult<String> {
          (>1: ours better)",
         o.reps
     ));
-    line(format!(
-        "| {:<46} | {:>7} | {:>12} | {:>12} | {:>7} |",
-        "benchmark", "unit", "vgpu-sandbox", "QEMU", "ratio"
+    line(vgpu_tests::bench::table_row(
+        &["benchmark", "unit", "vgpu-sandbox", "QEMU", "ratio"],
+        &WIDTHS,
     ));
-    line(format!(
-        "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
-        "", "", "", "", ""
-    ));
+    line(table_rule(&WIDTHS));
     for (label, unit, a, b, _, hib) in &rows {
         line(table_row(label, unit, *a, *b, *hib));
     }
@@ -1074,11 +1168,9 @@ pub fn run(o: &Options) -> BenchResult<String> {
         ("blob MAP+UNMAP cycle (--hostmem 64M), p99", "us", blob99),
         ("start-to-ready with --hostmem 64M", "ms", blob_ready),
     ] {
-        line(format!(
-            "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {:>7} |",
-            fmt(a),
-            "no blobs",
-            "-"
+        line(vgpu_tests::bench::table_row(
+            &[label, unit, &fmt(a), "no blobs", "-"],
+            &WIDTHS,
         ));
     }
     if let Some(p) = peer {
@@ -1088,14 +1180,11 @@ pub fn run(o: &Options) -> BenchResult<String> {
             backends[p].bin.display(),
             backends[p].args.join(" ")
         ));
-        line(format!(
-            "| {:<46} | {:>7} | {:>12} | {:>12} | {:>7} |",
-            "benchmark", "unit", "vgpu-sandbox", "peer", "ratio"
+        line(vgpu_tests::bench::table_row(
+            &["benchmark", "unit", "vgpu-sandbox", "peer", "ratio"],
+            &WIDTHS,
         ));
-        line(format!(
-            "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
-            "", "", "", "", ""
-        ));
+        line(table_rule(&WIDTHS));
         for (label, unit, a, _, c, hib) in &rows {
             line(table_row(label, unit, *a, *c, *hib));
         }
@@ -1108,10 +1197,16 @@ pub fn run(o: &Options) -> BenchResult<String> {
     line(String::new());
     line("this machine, same run:".into());
     line(format!(
-        "| single-core memcpy of a {w}x{h}x4 buffer | {} GB/s | full-frame path / memcpy: ours {:.3}, reference {:.3} |",
+        "| single-core memcpy of a {w}x{h}x4 buffer, cache-hot (one buffer) | {} GB/s | full-frame path / memcpy: ours {:.3}, reference {:.3} |",
         fmt(memcpy),
         gbps_ours / memcpy,
         gbps_ref / memcpy
+    ));
+    line(format!(
+        "| single-core memcpy of a {w}x{h}x4 buffer, out of cache ({cold_buffers} source + {cold_buffers} destination buffers, {cold_mb:.0} MB) | {} GB/s | full-frame path / memcpy: ours {:.3}, reference {:.3} |",
+        fmt(memcpy_cold),
+        gbps_ours / memcpy_cold,
+        gbps_ref / memcpy_cold
     ));
     line(format!(
         "| 1-byte Unix-socket round trip, two processes | median {} us, p99 {} us | fenced command / socket RT (medians): ours {:.1}x, reference {:.1}x |",
@@ -1121,7 +1216,7 @@ pub fn run(o: &Options) -> BenchResult<String> {
         fenced50_ref / sock50
     ));
     line(format!(
-        "| test VMM display peer per full frame (hash + framebuffer copy, in both backends' frame time) | {} ms |",
+        "| test VMM display peer per full frame (its thread's CPU time: socket read, checks, hash, framebuffer write; in both backends' frame time) | {} ms |",
         fmt(harness_ms)
     ));
     line(format!(
@@ -1258,14 +1353,8 @@ fn fleet_table(o: &Options, backends: &[Backend], results: &[Option<FleetResult>
              own thread (ratio = ours vs reference, >1: ours better)",
             o.fleet, o.fleet_frames
         ),
-        format!(
-            "| {:<46} | {:>7} | {:>12} | {:>12} | {:>7} |",
-            "fleet", "unit", "vgpu-sandbox", "QEMU", "ratio"
-        ),
-        format!(
-            "|{:-<48}|{:-<9}|{:->14}|{:->14}|{:->9}|",
-            "", "", "", "", ""
-        ),
+        vgpu_tests::bench::table_row(&["fleet", "unit", "vgpu-sandbox", "QEMU", "ratio"], &WIDTHS),
+        table_rule(&WIDTHS),
     ];
     let of = |kind: Kind| {
         backends
@@ -1315,38 +1404,18 @@ fn fleet_table(o: &Options, backends: &[Backend], results: &[Option<FleetResult>
     for (label, unit, f, hib) in rows {
         let a = of(Kind::Ours).map_or(f64::NAN, f);
         let b = of(Kind::Reference).map_or(f64::NAN, f);
-        let r = if hib { a / b } else { b / a };
-        let r = if r.is_finite() && r > 0.0 {
-            format!("{r:.2}x")
-        } else {
-            "-".into()
-        };
-        out.push(format!(
-            "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {r:>7} |",
-            fmt(a),
-            fmt(b)
-        ));
+        out.push(table_row(label, unit, a, b, hib));
     }
     out
 }
 
+/// The columns' widths of every table here: benchmark, unit, ours, the other, ratio.
+const WIDTHS: [usize; 5] = [46, 7, 12, 12, 7];
+
 /// One row: ours, the other, and the ratio turned so that >1 means ours is better.
 fn table_row(label: &str, unit: &str, ours: f64, other: f64, higher_is_better: bool) -> String {
-    let r = if higher_is_better {
-        ours / other
-    } else {
-        other / ours
-    };
-    let r = if r.is_finite() && r > 0.0 {
-        format!("{r:.2}x")
-    } else {
-        "-".into()
-    };
-    format!(
-        "| {label:<46} | {unit:>7} | {:>12} | {:>12} | {r:>7} |",
-        fmt(ours),
-        fmt(other)
-    )
+    let r = fmt_ratio(turned_ratio(ours, other, higher_is_better));
+    vgpu_tests::bench::table_row(&[label, unit, &fmt(ours), &fmt(other), &r], &WIDTHS)
 }
 
 fn name(k: Kind) -> &'static str {

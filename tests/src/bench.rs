@@ -72,3 +72,124 @@ pub fn fmt(x: f64) -> String {
         format!("{x:.2}")
     }
 }
+
+/// A bench's command line: `--key value` or `--key=value`, option by option.
+pub struct Args<I> {
+    rest: I,
+}
+
+impl<I: Iterator<Item = String>> Args<I> {
+    /// The arguments after the program name.
+    pub fn new(args: impl IntoIterator<IntoIter = I>) -> Self {
+        Args {
+            rest: args.into_iter(),
+        }
+    }
+
+    /// The next option's key (before any `=`) and its value, read on demand.
+    pub fn next_option(&mut self) -> Option<(String, Opt<'_, I>)> {
+        let a = self.rest.next()?;
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a, None),
+        };
+        Some((
+            key.clone(),
+            Opt {
+                key,
+                inline,
+                rest: &mut self.rest,
+            },
+        ))
+    }
+}
+
+/// One option of [`Args`]; its value is the text after `=` or the next argument.
+pub struct Opt<'a, I> {
+    key: String,
+    inline: Option<String>,
+    rest: &'a mut I,
+}
+
+impl<I: Iterator<Item = String>> Opt<'_, I> {
+    /// The option's value.
+    pub fn value(&mut self) -> Result<String, String> {
+        self.inline
+            .take()
+            .or_else(|| self.rest.next())
+            .ok_or_else(|| format!("{} needs a value", self.key))
+    }
+
+    /// The option's value as a number.
+    pub fn num(&mut self) -> Result<u64, String> {
+        let s = self.value()?;
+        s.parse::<u64>()
+            .map_err(|_| format!("{}: not a number: {s}", self.key))
+    }
+
+    /// `--backend ours|reference|both`.
+    pub fn backends(&mut self) -> Result<String, String> {
+        let v = self.value()?;
+        if !["ours", "reference", "both"].contains(&v.as_str()) {
+            return Err(format!(
+                "--backend must be ours, reference or both, not {v}"
+            ));
+        }
+        Ok(v)
+    }
+
+    /// `--size WxH`, each side within `min..=max`.
+    pub fn size(&mut self, min: u32, max: u32) -> Result<(u32, u32), String> {
+        let v = self.value()?;
+        let (w, h) = v
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+            .ok_or_else(|| format!("--size wants WxH, not {v}"))?;
+        if !(min..=max).contains(&w) || !(min..=max).contains(&h) {
+            return Err(format!("--size {v}: each side must be {min}..{max}"));
+        }
+        Ok((w, h))
+    }
+}
+
+/// `ours / other`, turned so that >1 means ours is better.
+pub fn turned_ratio(ours: f64, other: f64, higher_is_better: bool) -> f64 {
+    if higher_is_better {
+        ours / other
+    } else {
+        other / ours
+    }
+}
+
+/// A ratio as `1.23x`; `-` when there is none.
+pub fn fmt_ratio(r: f64) -> String {
+    if r.is_finite() && r > 0.0 {
+        format!("{r:.2}x")
+    } else {
+        "-".into()
+    }
+}
+
+/// A Markdown table row: the first cell left-aligned, the others right-aligned, each
+/// padded to its width in `widths`.
+pub fn table_row(cells: &[&str], widths: &[usize]) -> String {
+    let mut s = String::from("|");
+    for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        if i == 0 {
+            s.push_str(&format!(" {c:<w$} |"));
+        } else {
+            s.push_str(&format!(" {c:>w$} |"));
+        }
+    }
+    s
+}
+
+/// The rule under a [`table_row`] header with the same `widths`.
+pub fn table_rule(widths: &[usize]) -> String {
+    let mut s = String::from("|");
+    for w in widths {
+        s.push_str(&"-".repeat(w + 2));
+        s.push('|');
+    }
+    s
+}

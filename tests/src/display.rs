@@ -4,6 +4,13 @@
 //! bytes), answers the ones the backend waits for (GET_PROTOCOL_FEATURES, GET_DISPLAY_INFO,
 //! GET_EDID), validates everything, keeps a framebuffer per scanout and records typed events.
 //! Anything that breaks the protocol is recorded as a violation for the tests to fail on.
+//!
+//! Receiving costs what a real VMM pays and no more (it is inside every benchmarked frame):
+//! one receive buffer reused for every message, and a large UPDATE of full framebuffer rows
+//! goes from the socket straight into the framebuffer (then hashed from there), without a
+//! copy. Such an update is visible row by row while it arrives (the lock is taken per
+//! socket read, never across a blocking one); its event comes once it is complete, and a
+//! socket closed inside it leaves the rows received so far in the framebuffer.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -456,8 +463,16 @@ fn reply(stream: &mut UnixStream, request: u32, body: &[u8]) -> std::io::Result<
     stream.write_all(&msg)
 }
 
+/// UPDATEs with at least this many pixel bytes whose rows are contiguous in the
+/// framebuffer are read from the socket straight into it; smaller or narrower ones go
+/// through the receive buffer (one read, one copy under the lock).
+const DIRECT_UPDATE_MIN: usize = 64 << 10;
+
 fn serve(mut stream: UnixStream, shared: &Shared, config: &DisplayConfig) {
     let mut hdr = [0u8; 12];
+    // One receive buffer for every message, grown to the largest seen (at most
+    // MAX_MESSAGE), so no message allocates or faults in fresh pages.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         if stream.read_exact(&mut hdr).is_err() {
             break;
@@ -470,18 +485,44 @@ fn serve(mut stream: UnixStream, shared: &Shared, config: &DisplayConfig) {
             );
             break;
         }
-        let mut body = vec![0u8; size as usize];
-        if stream.read_exact(&mut body).is_err() {
-            violation(
-                shared,
-                format!("request {request}: socket closed inside a {size}-byte payload"),
-            );
+        let size = size as usize;
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        // A large UPDATE of full framebuffer rows: its 20-byte header first, then the
+        // pixels straight into the framebuffer.
+        if request == req::UPDATE && size >= 20 + DIRECT_UPDATE_MIN {
+            if stream.read_exact(&mut buf[..20]).is_err() {
+                closed_inside(shared, request, size);
+                break;
+            }
+            if let Some(region) = direct_region(shared, &buf[..20], size - 20) {
+                if let Err(e) = read_into_framebuffer(&stream, shared, &region) {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        closed_inside(shared, request, size);
+                    } else {
+                        violation(shared, format!("request {request}: cannot read: {e}"));
+                    }
+                    break;
+                }
+                if flags != 0 {
+                    violation(shared, format!("request {request} has flags {flags:#x}; the backend sends requests with flags 0"));
+                }
+                finish_direct_update(shared, &region);
+                continue;
+            }
+            if stream.read_exact(&mut buf[20..size]).is_err() {
+                closed_inside(shared, request, size);
+                break;
+            }
+        } else if stream.read_exact(&mut buf[..size]).is_err() {
+            closed_inside(shared, request, size);
             break;
         }
         if flags != 0 {
             violation(shared, format!("request {request} has flags {flags:#x}; the backend sends requests with flags 0"));
         }
-        if let Err(e) = handle(&mut stream, shared, config, request, &body) {
+        if let Err(e) = handle(&mut stream, shared, config, request, &buf[..size]) {
             violation(shared, format!("request {request}: cannot reply: {e}"));
             break;
         }
@@ -489,6 +530,114 @@ fn serve(mut stream: UnixStream, shared: &Shared, config: &DisplayConfig) {
     let mut st = shared.lock();
     st.closed = true;
     st.events.push(DisplayEvent::Closed);
+    shared.cond.notify_all();
+}
+
+fn closed_inside(shared: &Shared, request: u32, size: usize) {
+    violation(
+        shared,
+        format!("request {request}: socket closed inside a {size}-byte payload"),
+    );
+}
+
+/// Where a direct UPDATE's pixels go: `len` bytes at `start` of the scanout's pixels.
+struct DirectRegion {
+    scanout_id: u32,
+    rect: [u32; 4],
+    start: usize,
+    len: usize,
+}
+
+/// The framebuffer region an UPDATE with this 20-byte header and `data_len` pixel bytes
+/// can be read into directly: only when it passes every check of [`handle_update`] (so
+/// the others still go through it and report what is wrong) and its rows are contiguous
+/// in the framebuffer (the full width).
+fn direct_region(shared: &Shared, hdr: &[u8], data_len: usize) -> Option<DirectRegion> {
+    let (scanout_id, x, y, width, height) = (
+        u32_at(hdr, 0),
+        u32_at(hdr, 4),
+        u32_at(hdr, 8),
+        u32_at(hdr, 12),
+        u32_at(hdr, 16),
+    );
+    if u64::from(width) * u64::from(height) * 4 != data_len as u64 {
+        return None;
+    }
+    let st = shared.lock();
+    let fb = st.framebuffers.get(&scanout_id)?;
+    let rows_fit = u64::from(y) + u64::from(height) <= u64::from(fb.height);
+    if x != 0 || width != fb.width || !rows_fit {
+        return None;
+    }
+    let start = y as usize * fb.width as usize * 4;
+    Some(DirectRegion {
+        scanout_id,
+        rect: [x, y, width, height],
+        start,
+        len: data_len,
+    })
+}
+
+/// Receives `region.len` bytes into the framebuffer rows of `region`. Never blocks while
+/// holding the state lock: each round takes what the socket has queued (MSG_DONTWAIT)
+/// under the lock and waits for more without it, so a backend that stalls inside a frame
+/// cannot block the test's waits and their timeouts. UnexpectedEof when the socket closes.
+fn read_into_framebuffer(
+    stream: &UnixStream,
+    shared: &Shared,
+    region: &DirectRegion,
+) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let mut done = 0;
+    while done < region.len {
+        let got = {
+            let mut st = shared.lock();
+            // Only this thread changes framebuffers, so the one checked is still there.
+            let Some(fb) = st.framebuffers.get_mut(&region.scanout_id) else {
+                return Err(std::io::Error::other("the framebuffer went away"));
+            };
+            let dst = &mut fb.pixels[region.start + done..region.start + region.len];
+            recv(stream.as_raw_fd(), dst, MsgFlags::MSG_DONTWAIT)
+        };
+        match got {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(Errno::EAGAIN | Errno::EINTR) => {
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What [`handle_update`] does once the pixels are in the framebuffer: the payload's hash
+/// (over the framebuffer rows, which hold exactly the payload bytes), the byte count and
+/// the event.
+fn finish_direct_update(shared: &Shared, region: &DirectRegion) {
+    let [x, y, width, height] = region.rect;
+    let mut st = shared.lock();
+    let hash = match st.framebuffers.get(&region.scanout_id) {
+        Some(fb) => payload_hash(&fb.pixels[region.start..region.start + region.len]),
+        None => return,
+    };
+    st.bytes_updated += region.len as u64;
+    st.events.push(DisplayEvent::Update {
+        scanout_id: region.scanout_id,
+        x,
+        y,
+        width,
+        height,
+        hash,
+    });
     shared.cond.notify_all();
 }
 
@@ -779,4 +928,115 @@ fn handle_update(shared: &Shared, body: &[u8]) {
         hash,
     });
     shared.cond.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(request: u32, words: &[u32], payload: &[u8]) -> Vec<u8> {
+        let size = (words.len() * 4 + payload.len()) as u32;
+        let mut m: Vec<u8> = [request, 0, size]
+            .iter()
+            .chain(words)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        m.extend_from_slice(payload);
+        m
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// Full-width UPDATEs (read straight into the framebuffer) and narrower ones (through
+    /// the receive buffer) give the same framebuffer and hashes as the payloads.
+    #[test]
+    fn direct_and_buffered_updates_agree() {
+        let (w, h) = (256u32, 128u32);
+        let (mut backend, vmm) = UnixStream::pair().unwrap();
+        let peer = DisplayPeer::start(vmm, DisplayConfig::default()).unwrap();
+        backend
+            .write_all(&message(req::SCANOUT, &[0, w, h], &[]))
+            .unwrap();
+        let mut want = vec![0u8; (w * h * 4) as usize];
+        // (x, y, width, height): full width (direct), full width too small to be direct,
+        // a narrower rect (buffered).
+        for (i, (x, y, rw, rh)) in [(0, 3, w, 100), (0, 0, w, 2), (5, 7, 100, 90)]
+            .into_iter()
+            .enumerate()
+        {
+            let px: Vec<u8> = (0..rw * rh * 4)
+                .map(|b| (b as usize * 7 + i) as u8)
+                .collect();
+            backend
+                .write_all(&message(req::UPDATE, &[0, x, y, rw, rh], &px))
+                .unwrap();
+            let ev = peer.events().wait_update(0, T).unwrap();
+            assert_eq!(
+                ev,
+                DisplayEvent::Update {
+                    scanout_id: 0,
+                    x,
+                    y,
+                    width: rw,
+                    height: rh,
+                    hash: payload_hash(&px)
+                }
+            );
+            let row = (rw * 4) as usize;
+            for r in 0..rh as usize {
+                let dst = ((y as usize + r) * w as usize + x as usize) * 4;
+                want[dst..dst + row].copy_from_slice(&px[r * row..(r + 1) * row]);
+            }
+            assert!(
+                peer.events().framebuffer(0).unwrap().2 == want,
+                "update {i}"
+            );
+        }
+        assert!(peer.events().violations().is_empty());
+    }
+
+    /// A backend stalled inside a large UPDATE does not block the test side (the lock is
+    /// never held across a blocking read); closing inside it is the usual violation.
+    #[test]
+    fn a_stall_inside_a_direct_update_blocks_no_one() {
+        let (w, h) = (512u32, 256u32);
+        let (mut backend, vmm) = UnixStream::pair().unwrap();
+        let peer = DisplayPeer::start(vmm, DisplayConfig::default()).unwrap();
+        backend
+            .write_all(&message(req::SCANOUT, &[0, w, h], &[]))
+            .unwrap();
+        let px = vec![7u8; (w * h * 4) as usize];
+        let m = message(req::UPDATE, &[0, 0, 0, w, h], &px);
+        backend.write_all(&m[..m.len() / 2]).unwrap();
+        // The first half is in the framebuffer (so the peer is inside the update).
+        let deadline = Instant::now() + T;
+        while peer
+            .events()
+            .with_framebuffer(0, |fb| fb.pixels[0] != 7)
+            .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the first half of the update never reached the framebuffer"
+            );
+            std::thread::yield_now();
+        }
+        let t = Instant::now();
+        assert!(peer.events().violations().is_empty());
+        assert!(peer.events().framebuffer(0).is_some());
+        assert!(peer
+            .events()
+            .wait_update(0, Duration::from_millis(100))
+            .is_err());
+        assert!(t.elapsed() < Duration::from_secs(2));
+        drop(backend);
+        peer.events()
+            .wait_for("Closed", T, |e| *e == DisplayEvent::Closed)
+            .unwrap();
+        let v = peer.events().violations();
+        assert!(
+            v.len() == 1 && v[0].contains("socket closed inside a"),
+            "{v:?}"
+        );
+    }
 }
