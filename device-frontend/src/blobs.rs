@@ -521,11 +521,8 @@ impl Control {
         s.rect = rect;
         s.format = fb.format;
         s.blob = Some(layout);
-        self.request(
-            RendererOp::FlushToScanout { scanout_id, rect },
-            fence,
-            After::ScanoutShown { scanout_id },
-        )?;
+        s.sync.lose();
+        self.request_scanout_write(scanout_id, rect, fence, After::ScanoutShown { scanout_id })?;
         Ok(Ok(None))
     }
 

@@ -121,6 +121,7 @@ impl Control {
                 if let Err(code) = self.resources.check_transfer(resource_id, &rect, offset) {
                     return Ok(Err(code));
                 }
+                self.mirror_transfer(resource_id, &rect, offset);
                 let op = RendererOp::TransferToHost2d {
                     resource_id,
                     rect,
@@ -315,12 +316,78 @@ impl Control {
         s.rect = rect;
         s.format = format;
         s.blob = None;
+        s.sync.lose();
+        self.request_scanout_write(scanout_id, rect, fence, After::ScanoutShown { scanout_id })?;
+        Ok(Ok(None))
+    }
+
+    /// Asks the renderer to copy `rect` of the scanout's resource into its buffer.
+    pub(crate) fn request_scanout_write(
+        &mut self,
+        scanout_id: u32,
+        rect: Rect,
+        fence: Option<FenceInfo>,
+        after: After,
+    ) -> Result<(), FrontendError> {
+        if let Some(s) = self.scanouts.get_mut(scanout_id as usize) {
+            let whole = rect == s.rect;
+            s.sync.write_requested(whole);
+        }
         self.request(
             RendererOp::FlushToScanout { scanout_id, rect },
             fence,
-            After::ScanoutShown { scanout_id },
-        )?;
-        Ok(Ok(None))
+            after,
+        )
+    }
+
+    /// Whether the frontend keeps scanout buffers of `resource_id` in step itself: a 2D
+    /// resource on a device without virgl (a virgl context could render into it).
+    fn mirrored(&self, resource_id: u32) -> bool {
+        !self.config.virgl
+            && self
+                .resources
+                .get(resource_id)
+                .is_ok_and(|r| matches!(r.kind, crate::resources::ResourceKind::TwoD { .. }))
+    }
+
+    /// Applies a checked TRANSFER_TO_HOST_2D to the buffers of the scanouts showing the
+    /// resource, where they are in step; a buffer it cannot be applied to is out of step
+    /// (its next flush goes through the renderer).
+    fn mirror_transfer(&mut self, resource_id: u32, rect: &Rect, offset: u64) {
+        let showing = self.scanouts_showing(resource_id);
+        if showing.is_empty() {
+            return;
+        }
+        let mirrored = self.mirrored(resource_id);
+        let entries = self
+            .resources
+            .get(resource_id)
+            .ok()
+            .and_then(|r| r.entries.clone());
+        for id in showing {
+            let s = &mut self.scanouts[id as usize];
+            if s.rect.intersect(rect).is_none() {
+                // Nothing shown changes.
+                continue;
+            }
+            if !mirrored || s.blob.is_some() || !s.sync.in_step() {
+                s.sync.lose();
+                continue;
+            }
+            let applied = match (&self.mem, &entries, s.buffer.as_ref()) {
+                (Some(mem), Some(entries), Some(buffer)) => {
+                    crate::mirror::apply_transfer(mem, entries, rect, offset, buffer)
+                }
+                _ => Err(crate::mirror::MirrorError::NoEntries),
+            };
+            if let Err(e) = applied {
+                log::debug!(
+                    "scanout {id}: transfer {rect:?} at {offset} not applied to its buffer \
+                     ({e}); the next flush goes through the renderer"
+                );
+                s.sync.lose();
+            }
+        }
     }
 
     fn flush(&mut self, resource_id: u32, rect: Rect, fence: Option<FenceInfo>) -> Outcome {
@@ -349,13 +416,29 @@ impl Control {
                 s.rect.intersect(&rect).map(|r| (id, r))
             })
             .collect();
-        let last = targets.len().saturating_sub(1);
-        for (i, (scanout_id, damage)) in targets.iter().copied().enumerate() {
-            self.request(
-                RendererOp::FlushToScanout {
-                    scanout_id,
-                    rect: damage,
-                },
+        let mirrored = self.mirrored(resource_id);
+        // A buffer in step is sent as it is; the others are the renderer's to write first.
+        let mut writes = Vec::new();
+        for (scanout_id, damage) in targets {
+            let s = &self.scanouts[scanout_id as usize];
+            if !mirrored || s.blob.is_some() {
+                writes.push((scanout_id, damage, damage));
+            } else if s.sync.in_step() {
+                self.send_update(scanout_id, damage);
+            } else if s.sync.catching_up() {
+                // In step once the renderer writes on their way are done: the damage alone.
+                writes.push((scanout_id, damage, damage));
+            } else {
+                // Out of step: the renderer copies the whole scanout rectangle, which
+                // brings the buffer back in step; the UPDATE carries the damage only.
+                writes.push((scanout_id, s.rect, damage));
+            }
+        }
+        let last = writes.len().saturating_sub(1);
+        for (i, (scanout_id, copy, damage)) in writes.iter().copied().enumerate() {
+            self.request_scanout_write(
+                scanout_id,
+                copy,
                 if i == last { fence } else { None },
                 After::Flushed {
                     scanout_id,
@@ -363,7 +446,7 @@ impl Control {
                 },
             )?;
         }
-        if targets.is_empty() {
+        if writes.is_empty() {
             return Ok(Ok(Some(Response::OkNodata)));
         }
         Ok(Ok(None))
@@ -550,9 +633,10 @@ impl Control {
                 Ok(None)
             }
             After::ScanoutShown { scanout_id } => {
-                let Some(s) = self.scanouts.get(scanout_id as usize) else {
+                let Some(s) = self.scanouts.get_mut(scanout_id as usize) else {
                     return Ok(None);
                 };
+                s.sync.write_answered(true);
                 let rect = s.rect;
                 if let Some(d) = self.display.as_mut() {
                     d.scanout(scanout_id, rect.width, rect.height);
@@ -561,6 +645,9 @@ impl Control {
                 Ok(None)
             }
             After::Flushed { scanout_id, rect } => {
+                if let Some(s) = self.scanouts.get_mut(scanout_id as usize) {
+                    s.sync.write_answered(true);
+                }
                 self.send_update(scanout_id, rect);
                 Ok(None)
             }
@@ -597,6 +684,11 @@ impl Control {
             After::BlobMap { .. } | After::BlobUnmap { .. } | After::BlobFinalize { .. } => {
                 if let Err(e) = self.on_blob_reply(after, Err(())) {
                     log::error!("blob reply: {e}");
+                }
+            }
+            After::ScanoutShown { scanout_id } | After::Flushed { scanout_id, .. } => {
+                if let Some(s) = self.scanouts.get_mut(scanout_id as usize) {
+                    s.sync.write_answered(false);
                 }
             }
             _ => {}

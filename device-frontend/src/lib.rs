@@ -17,6 +17,7 @@ mod execute;
 pub mod guest_log;
 pub mod mailbox;
 pub mod metrics;
+pub mod mirror;
 pub mod renderer_link;
 pub mod resources;
 pub mod restart;

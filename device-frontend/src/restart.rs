@@ -238,11 +238,9 @@ impl Control {
             self.disable_scanout(scanout_id)?;
             return Ok(false);
         }
-        self.request(
-            RendererOp::FlushToScanout { scanout_id, rect },
-            None,
-            After::ScanoutShown { scanout_id },
-        )?;
+        // What the old renderer owed was answered as failed; the new one fills the buffer.
+        self.scanouts[scanout_id as usize].sync = crate::mirror::BufferSync::default();
+        self.request_scanout_write(scanout_id, rect, None, After::ScanoutShown { scanout_id })?;
         Ok(true)
     }
 }

@@ -3,7 +3,9 @@
 //! Pixels go renderer -> frontend through one shared memfd per scanout, never inside IPC
 //! messages. The frontend creates the memfd, sizes it and seals it against shrinking and
 //! growing before the renderer sees it: a renderer (less trusted) that could truncate the
-//! file would make the frontend's reads fault with SIGBUS. The frontend maps it read-only.
+//! file would make the frontend's reads fault with SIGBUS. The frontend maps it read-write:
+//! for a 2D resource it applies the guest's transfers to the buffer itself (`mirror`), so
+//! that a flush needs no renderer round trip.
 
 use std::borrow::Cow;
 use std::num::NonZeroUsize;
@@ -16,6 +18,9 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::ftruncate;
 use protocol::ipc::BlobScanout;
 use protocol::virtio_gpu::{Format, Rect};
+use vm_memory::VolatileSlice;
+
+use crate::mirror::BufferSync;
 
 /// A sealed memfd holding one resource's pixels at resource coordinates.
 #[derive(Debug)]
@@ -26,9 +31,9 @@ pub struct ScanoutBuffer {
     stride: u32,
 }
 
-// SAFETY: the mapping is owned by this value and only read through `&self`; the renderer
-// writes it concurrently from another process, which no Rust reference can observe torn
-// in a way that matters (we copy bytes, never interpret them as anything but pixels).
+// SAFETY: the mapping is owned by this value; it is read as bytes and written only through
+// volatile slices. The renderer writes it concurrently from another process, which can
+// only change pixel values: bytes are copied, never interpreted as anything but pixels.
 unsafe impl Send for ScanoutBuffer {}
 
 impl ScanoutBuffer {
@@ -48,9 +53,18 @@ impl ScanoutBuffer {
                 SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
             ),
         )?;
-        // SAFETY: a fresh shared read-only mapping of a file we own, sized to the file;
-        // the seals guarantee the file keeps that size for the mapping's lifetime.
-        let ptr = unsafe { mmap(None, nz, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, &fd, 0)? };
+        // SAFETY: a fresh shared mapping of a file we own, sized to the file; the seals
+        // guarantee the file keeps that size for the mapping's lifetime.
+        let ptr = unsafe {
+            mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )?
+        };
         Ok(ScanoutBuffer {
             fd,
             ptr: ptr.cast(),
@@ -110,6 +124,19 @@ impl ScanoutBuffer {
         Some(Cow::Owned(out))
     }
 
+    /// `len` bytes at `offset`, to write into (None when outside the buffer).
+    pub fn slice(&self, offset: u64, len: u64) -> Option<VolatileSlice<'_>> {
+        let offset = usize::try_from(offset).ok()?;
+        let len = usize::try_from(len).ok()?;
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: `offset + len` lies inside the mapping (checked above), which is
+        // writable, alive as long as `self` (the slice borrows it) and sealed against
+        // shrinking; a volatile slice makes no assumption about concurrent writers.
+        Some(unsafe { VolatileSlice::new(self.ptr.as_ptr().add(offset), len) })
+    }
+
     fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is `len` bytes, readable, alive as long as `self`, and sealed
         // against shrinking, so every byte stays mapped. The renderer may write it from its
@@ -143,6 +170,8 @@ pub struct Scanout {
     /// For a blob scanout (SET_SCANOUT_BLOB), where its framebuffer lies in the blob;
     /// `rect` and the buffer are then in framebuffer coordinates.
     pub blob: Option<BlobScanout>,
+    /// Whether the buffer holds what the resource holds (see `mirror`).
+    pub sync: BufferSync,
 }
 
 impl Default for Scanout {
@@ -153,6 +182,7 @@ impl Default for Scanout {
             rect: Rect::default(),
             buffer: None,
             blob: None,
+            sync: BufferSync::default(),
         }
     }
 }
