@@ -687,9 +687,12 @@ impl Control {
             Command::ResourceMapBlob { .. } | Command::ResourceUnmapBlob { .. } => {
                 (Some(std::time::Instant::now()), 0)
             }
+            // The rectangle is not checked yet: a guest's u32 sides can overflow the product.
             Command::TransferToHost2d { rect, .. } => (
                 None,
-                u64::from(rect.width) * u64::from(rect.height) * crate::resources::BYTES_PER_PIXEL,
+                u64::from(rect.width)
+                    .saturating_mul(u64::from(rect.height))
+                    .saturating_mul(crate::resources::BYTES_PER_PIXEL),
             ),
             _ => return,
         };
@@ -717,7 +720,7 @@ impl Control {
             s.by_error[error_index(code)] += 1;
             return;
         }
-        s.transfer_bytes += entry.transfer_bytes;
+        s.transfer_bytes = s.transfer_bytes.saturating_add(entry.transfer_bytes);
         if let Some(arrived) = entry.arrived {
             let histogram = match type_ {
                 VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => &mut s.map_latency,
