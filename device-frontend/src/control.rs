@@ -88,6 +88,9 @@ pub(crate) enum After {
     ScanoutShown { scanout_id: u32 },
     /// Damage copied into the scanout buffer: send it as an UPDATE.
     Flushed { scanout_id: u32, rect: Rect },
+    /// A 2D transfer the frontend may have applied to scanout buffers too: were it refused
+    /// by the renderer, those buffers no longer equal the resource.
+    Transferred { resource_id: u32 },
     /// Cursor pixels arrived.
     Cursor {
         format: Format,
@@ -527,9 +530,13 @@ impl Control {
     /// unfenced command that needs no rollback), so that the guest can be answered now:
     /// the renderer still executes it in order with everything else, so a later command
     /// sees its effect, and a refusal in its reply is logged only.
-    pub(crate) fn request_decided(&mut self, op: RendererOp) -> Result<(), FrontendError> {
+    pub(crate) fn request_decided(
+        &mut self,
+        op: RendererOp,
+        after: After,
+    ) -> Result<(), FrontendError> {
         let current = self.current.take();
-        let sent = self.request(op, None, After::Nothing);
+        let sent = self.request(op, None, after);
         self.current = current;
         sent
     }

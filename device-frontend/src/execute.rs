@@ -96,7 +96,11 @@ impl Control {
                 if let Err(code) = self.resources.detach_backing(resource_id) {
                     return Ok(Err(code));
                 }
-                self.request_or_answer(RendererOp::DetachBacking { resource_id }, fence)
+                self.request_or_answer(
+                    RendererOp::DetachBacking { resource_id },
+                    fence,
+                    After::Nothing,
+                )
             }
             Command::TransferToHost2d {
                 resource_id,
@@ -127,7 +131,7 @@ impl Control {
                     rect,
                     offset,
                 };
-                self.request_or_answer(op, fence)
+                self.request_or_answer(op, fence, After::Transferred { resource_id })
             }
             Command::SetScanout {
                 scanout_id,
@@ -168,12 +172,17 @@ impl Control {
     /// A command the checks above decided: answered now when unfenced (pipelined with
     /// the renderer, which executes it in order), after the renderer when fenced (a
     /// fence promises the work is done).
-    fn request_or_answer(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Outcome {
+    fn request_or_answer(
+        &mut self,
+        op: RendererOp,
+        fence: Option<FenceInfo>,
+        after: After,
+    ) -> Outcome {
         if fence.is_some() {
-            self.request(op, fence, After::Nothing)?;
+            self.request(op, fence, after)?;
             return Ok(Ok(None));
         }
-        self.request_decided(op)?;
+        self.request_decided(op, after)?;
         Ok(Ok(Some(Response::OkNodata)))
     }
 
@@ -338,6 +347,20 @@ impl Control {
             fence,
             after,
         )
+    }
+
+    /// For a scanout whose buffer the frontend holds in step with its resource: the
+    /// resource, the scanout rectangle, the buffer's stride and its bytes in the rectangle
+    /// (row after row). What the fuzz harness compares with the renderer's resource once
+    /// everything has settled.
+    pub fn scanout_in_step(&self, scanout_id: u32) -> Option<(u32, Rect, u32, Vec<u8>)> {
+        let s = self.scanouts.get(scanout_id as usize)?;
+        if !s.is_enabled() || s.blob.is_some() || !s.sync.in_step() {
+            return None;
+        }
+        let buffer = s.buffer.as_ref()?;
+        let bytes = buffer.copy_rect(&s.rect)?;
+        Some((s.resource_id, s.rect, buffer.stride(), bytes))
     }
 
     /// Whether the frontend keeps scanout buffers of `resource_id` in step itself: a 2D
@@ -605,6 +628,7 @@ impl Control {
             After::Nothing
             | After::Created { .. }
             | After::Attached { .. }
+            | After::Transferred { .. }
             | After::BlobCreated { .. }
             | After::ContextCreated { .. } => Ok(None),
             After::Respond => match body {
@@ -689,6 +713,11 @@ impl Control {
             After::ScanoutShown { scanout_id } | After::Flushed { scanout_id, .. } => {
                 if let Some(s) = self.scanouts.get_mut(scanout_id as usize) {
                     s.sync.write_answered(false);
+                }
+            }
+            After::Transferred { resource_id } => {
+                for id in self.scanouts_showing(resource_id) {
+                    self.scanouts[id as usize].sync.lose();
                 }
             }
             _ => {}

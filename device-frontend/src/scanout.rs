@@ -124,6 +124,29 @@ impl ScanoutBuffer {
         Some(Cow::Owned(out))
     }
 
+    /// A copy of the bytes of `rect` (resource coordinates), row after row, as they are
+    /// (no format conversion); None when `rect` does not fit the buffer.
+    pub fn copy_rect(&self, rect: &Rect) -> Option<Vec<u8>> {
+        let row = usize::try_from(rect.width).ok()?.checked_mul(4)?;
+        let stride = self.stride as usize;
+        let x = (rect.x as usize).checked_mul(4)?;
+        if x.checked_add(row)? > stride {
+            return None;
+        }
+        let end = (rect.y as usize)
+            .checked_add(rect.height as usize)?
+            .checked_mul(stride)?;
+        if end > self.len {
+            return None;
+        }
+        let all = self.bytes();
+        let mut out = Vec::with_capacity(row * rect.height as usize);
+        for r in rect.y as usize..rect.y as usize + rect.height as usize {
+            out.extend_from_slice(&all[r * stride + x..r * stride + x + row]);
+        }
+        Some(out)
+    }
+
     /// `len` bytes at `offset`, to write into (None when outside the buffer).
     pub fn slice(&self, offset: u64, len: u64) -> Option<VolatileSlice<'_>> {
         let offset = usize::try_from(offset).ok()?;

@@ -53,7 +53,7 @@ use protocol::virtio_gpu::{
     VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER, VIRTIO_GPU_RESP_ERR_UNSPEC, VIRTIO_GPU_RESP_OK_MAP_INFO,
     VIRTIO_GPU_RESP_OK_NODATA,
 };
-use renderer_worker::{EventSink, Executor, RutabagaRenderer, NUM_CAPSETS};
+use renderer_worker::{EventSink, Executor, Renderer, RutabagaRenderer, NUM_CAPSETS};
 use vgpu_tests::backend_req::{AckAction, BackendEvent, BackendRequests, RequestKind, ACK_EINVAL};
 use vgpu_tests::cross_domain;
 use vgpu_tests::display::{DisplayConfig, DisplayPeer};
@@ -1304,7 +1304,8 @@ impl Harness {
         }
     }
 
-    fn check(&mut self, after: &str) {
+    /// Checks every rule that must hold between steps (panics naming `after` otherwise).
+    pub fn check(&mut self, after: &str) {
         for q in [CONTROL_QUEUE, CURSOR_QUEUE] {
             self.collect(usize::from(q));
         }
@@ -1314,6 +1315,40 @@ impl Harness {
                 v.is_empty(),
                 "display protocol violations after {after}: {v:?}"
             );
+        }
+        // A scanout buffer the frontend holds in step (and sends flushes from without the
+        // renderer) must hold exactly what the renderer's resource holds.
+        for id in 0..16 {
+            let Some((resource_id, rect, stride, shown)) = self.control.scanout_in_step(id)
+            else {
+                continue;
+            };
+            // The renderer places the rectangle at resource coordinates.
+            let (y0, rows) = (rect.y as usize, rect.height as usize);
+            let mut whole = vec![0u8; stride as usize * (y0 + rows)];
+            let read = self
+                .executor
+                .renderer()
+                .read_rect(resource_id, rect, stride, &mut whole);
+            let row = rect.width as usize * 4;
+            let x0 = rect.x as usize * 4;
+            let held: Vec<u8> = (y0..y0 + rows)
+                .flat_map(|r| {
+                    let at = r * stride as usize + x0;
+                    whole[at..at + row].iter().copied()
+                })
+                .collect();
+            assert!(
+                read.is_ok(),
+                "scanout {id} in step with resource {resource_id} the renderer cannot read \
+                 ({read:?}) after {after}"
+            );
+            if let Some(at) = held.iter().zip(&shown).position(|(a, b)| a != b) {
+                panic!(
+                    "scanout {id}: the buffer in step differs from resource {resource_id} \
+                     in {rect:?} at byte {at} after {after}"
+                );
+            }
         }
         if let Some(vmm) = &self.vmm {
             let v = vmm.server.violations();

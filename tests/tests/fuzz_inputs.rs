@@ -78,6 +78,19 @@ fn commands_harness_drives_frontend_renderer_display_and_vmm() {
         cmd(Cmd::Transfer(r, RectSpec::Full, OffsetSpec::Zero)),
         cmd(Cmd::SetScanout(Scanout(0), r, RectSpec::Full)),
         cmd(Cmd::Flush(r, RectSpec::Inside(2, 2, 3, 3))),
+        // The scanout's buffer is in step now: the frontend applies these transfers to it
+        // itself, and the harness compares it with the renderer's resource after each step.
+        Step::GuestWrite(0, (0..=255u8).rev().cycle().take(16 * 8 * 4).collect()),
+        cmd(Cmd::Transfer(r, RectSpec::Full, OffsetSpec::Zero)),
+        cmd(Cmd::Flush(r, RectSpec::Full)),
+        Step::GuestWrite(0, (0..=250u8).step_by(5).cycle().take(16 * 8 * 4).collect()),
+        // A 6x5 rect at (1, 1), from its natural offset (one row of 64 bytes, one pixel).
+        cmd(Cmd::Transfer(
+            r,
+            RectSpec::Inside(1, 1, 5, 4),
+            OffsetSpec::Small(68),
+        )),
+        cmd(Cmd::Flush(r, RectSpec::Inside(0, 0, 7, 7))),
         cmd(Cmd::UpdateCursor(Scanout(0), r, 4, 4, 0, 0)),
         cmd(Cmd::MoveCursor(Scanout(0), 9, 9)),
         // A framebuffer in a guest blob, shown on the second output.
@@ -124,8 +137,9 @@ fn commands_harness_drives_frontend_renderer_display_and_vmm() {
         Step::Reset,
         cmd(Cmd::GetDisplayInfo),
     ];
-    for step in &steps {
+    for (i, step) in steps.iter().enumerate() {
         h.step(step);
+        h.check(&format!("step {i}: {step:?}"));
     }
     let updates = h.display().map(|d| {
         d.events()
@@ -140,8 +154,8 @@ fn commands_harness_drives_frontend_renderer_display_and_vmm() {
         refused.is_empty(),
         "refused: {refused:#?}\nall: {answers:#?}"
     );
-    // Six commands make the mappable blob; 20 more are single commands.
-    assert_eq!(answers.len(), 6 + 20, "{answers:#?}");
+    // Six commands make the mappable blob; 24 more are single commands.
+    assert_eq!(answers.len(), 6 + 24, "{answers:#?}");
     let maps: Vec<_> = answers
         .iter()
         .filter(|(what, _)| what.starts_with("MapBlob"))
