@@ -49,6 +49,15 @@ impl BufferSync {
         self.synced || self.resync_pending
     }
 
+    /// What a scanout that is disabled or reset keeps: the renderer writes still on their
+    /// way (their answers are still counted), nothing else.
+    pub fn rebound(self) -> Self {
+        BufferSync {
+            writes_in_flight: self.writes_in_flight,
+            ..BufferSync::default()
+        }
+    }
+
     /// The buffer missed a change of the resource (or may have).
     pub fn lose(&mut self) {
         self.synced = false;
@@ -272,6 +281,15 @@ mod tests {
         s.lose();
         s.write_answered(true);
         assert!(!s.in_step());
+        // Disabled while a write is on its way, then shown again: the old write's answer
+        // must not stand for the new fill.
+        s.write_requested(false);
+        s = s.rebound();
+        s.write_requested(true);
+        s.write_answered(true);
+        assert!(!s.in_step(), "the old write's answer taken for the fill's");
+        s.write_answered(true);
+        assert!(s.in_step());
         // A refused write loses it too.
         s.write_requested(true);
         s.write_answered(false);

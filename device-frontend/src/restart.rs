@@ -239,7 +239,7 @@ impl Control {
             return Ok(false);
         }
         // What the old renderer owed was answered as failed; the new one fills the buffer.
-        self.scanouts[scanout_id as usize].sync = crate::mirror::BufferSync::default();
+        self.scanouts[scanout_id as usize].sync.lose();
         self.request_scanout_write(scanout_id, rect, None, After::ScanoutShown { scanout_id })?;
         Ok(true)
     }
