@@ -1215,6 +1215,14 @@ pub fn run(o: &Options) -> BenchResult<String> {
         fenced50 / sock50,
         fenced50_ref / sock50
     ));
+    // A MAP_BLOB and an UNMAP_BLOB each wake the device from the guest, the VMM from the
+    // device, the device again and the guest: four socket round trips' worth of wake-ups
+    // that no backend mapping through the VMM can avoid.
+    line(format!(
+        "| blob MAP+UNMAP floor: four socket round trips (guest and VMM, map and unmap) | {} us | blob cycle / floor (medians): ours {:.1}x |",
+        fmt(4.0 * sock50),
+        blob50 / (4.0 * sock50)
+    ));
     line(format!(
         "| test VMM display peer per full frame (its thread's CPU time: socket read, checks, hash, framebuffer write; in both backends' frame time) | {} ms |",
         fmt(harness_ms)

@@ -49,8 +49,10 @@ fn isolation_bench_completes_and_prints_its_table() {
         "64x64 damage round trip, median",
         "PSS, all processes, total",
         "blob MAP+UNMAP cycle (--hostmem 64M), median",
-        "single-core memcpy",
+        "cache-hot (one buffer)",
+        "out of cache (",
         "1-byte Unix-socket round trip",
+        "blob MAP+UNMAP floor",
         "frames/s of all VMs together",
         "PSS per VM without guest RAM, median",
     ] {
