@@ -9,16 +9,15 @@
 //! order.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use protocol::config::DeviceConfig;
 use protocol::ipc::{FenceInfo, RendererEvent, RendererOp, ReplyBody};
-use protocol::virtio_gpu::{encode_response, CtrlHeader, ErrorCode, Format, Rect, Response};
+use protocol::virtio_gpu::{encode_response_into, CtrlHeader, ErrorCode, Format, Rect, Response};
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use crate::decode::Queue;
@@ -39,6 +38,10 @@ pub const CONTROL_QUEUE: u16 = 0;
 pub const CURSOR_QUEUE: u16 = 1;
 /// Number of virtqueues.
 pub const NUM_QUEUES: usize = 2;
+
+/// The capacity of the request buffer kept between commands (every fixed-size command
+/// and ordinary SUBMIT_3D streams fit).
+const KEPT_REQUEST_BUFFER: usize = 64 << 10;
 
 /// The control actor's mailbox messages.
 pub enum Input {
@@ -162,6 +165,10 @@ impl Entry {
 /// The actor's state.
 pub struct Control {
     pub(crate) config: DeviceConfig,
+    /// The command being read, reused from one command to the next.
+    request_buf: Vec<u8>,
+    /// The response being written, likewise.
+    response_buf: Vec<u8>,
     pub(crate) link: RendererLink,
     pub(crate) resources: ResourceTable,
     pub(crate) scanouts: Vec<Scanout>,
@@ -255,6 +262,8 @@ impl Control {
     pub fn new(config: DeviceConfig, link: RendererLink, event_idx: Arc<AtomicBool>) -> Self {
         let scanouts = config.outputs.iter().map(|_| Scanout::default()).collect();
         Control {
+            request_buf: Vec::new(),
+            response_buf: Vec::new(),
             resources: ResourceTable::new(config.limits),
             config,
             link,
@@ -616,7 +625,8 @@ impl Control {
         }
         let id = self.next_entry_id;
         self.next_entry_id += 1;
-        let bytes = read_request(&chain, self.max_request_bytes());
+        let max = self.max_request_bytes();
+        let read = crate::chain_io::read_request(&chain, max, &mut self.request_buf);
         self.fifos[q].push_back(Entry {
             id,
             chain,
@@ -634,14 +644,20 @@ impl Control {
         } else {
             Queue::Cursor
         };
-        let outcome = match bytes {
-            Ok(bytes) => {
+        let outcome = match read {
+            Ok(()) => {
                 let limits = crate::decode::DecodeLimits::from(&self.config.limits);
+                let bytes = &self.request_buf;
                 let decoded = if self.config.virgl {
-                    crate::decode::decode_virgl(queue, &bytes, limits)
+                    crate::decode::decode_virgl(queue, bytes, limits)
                 } else {
-                    crate::decode::decode(queue, &bytes, limits)
+                    crate::decode::decode(queue, bytes, limits)
                 };
+                if self.request_buf.capacity() > KEPT_REQUEST_BUFFER {
+                    // A rare large command (a SUBMIT_3D stream, a CREATE_BLOB with many
+                    // entries) does not keep its megabytes for the life of the device.
+                    self.request_buf = Vec::new();
+                }
                 match decoded {
                     Ok(req) => {
                         self.set_current_hdr(q, id, Some(req.hdr));
@@ -819,8 +835,8 @@ impl Control {
                 break;
             };
             self.count_answer(&entry);
-            let bytes = encode_response(entry.hdr.as_ref(), &entry.response);
-            let written = write_response(&entry.chain, &bytes);
+            encode_response_into(entry.hdr.as_ref(), &entry.response, &mut self.response_buf);
+            let written = write_response(&entry.chain, &self.response_buf);
             if let Err(e) = vring.add_used(entry.chain.head_index(), written) {
                 crate::guest_warn!("queue {q}: add_used failed: {e}");
             }
@@ -851,47 +867,22 @@ fn render_error_code(e: &protocol::ipc::RenderError) -> ErrorCode {
     }
 }
 
-/// Gathers the readable part of a chain, at most `max` bytes, allocating no more than
-/// that.
-///
-/// A longer chain is read only up to `max`: no valid command is longer (the limits bound
-/// the two commands of variable length, and `max` is their largest), and the decoder
-/// ignores a body's excess anyway, so the rest can never matter. Cutting it off instead of
-/// refusing the chain makes an oversized command meet the check it fails on: a SUBMIT_3D
-/// over the per-VM size limit is ERR_OUT_OF_MEMORY however long its chain is.
-fn read_request(chain: &Chain, max: usize) -> Result<Vec<u8>, String> {
-    let mut reader = Reader::new(chain.memory(), chain.clone()).map_err(|e| e.to_string())?;
-    let len = reader.available_bytes();
-    if len > max {
-        log::debug!("{len} readable bytes: only the first {max} are read");
-    }
-    let mut bytes = vec![0u8; len.min(max)];
-    reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-    Ok(bytes)
-}
-
 /// Writes as much of the response as the chain's writable part holds; returns the length
 /// written (0 when the chain has no usable writable part).
 fn write_response(chain: &Chain, bytes: &[u8]) -> u32 {
-    let mut writer = match Writer::new(chain.memory(), chain.clone()) {
-        Ok(w) => w,
+    match crate::chain_io::write_response(chain, bytes) {
+        Ok(w) => {
+            if w.room < bytes.len() {
+                crate::guest_warn!(
+                    "response truncated: {} bytes of room for a {}-byte response",
+                    w.room,
+                    bytes.len()
+                );
+            }
+            w.len
+        }
         Err(e) => {
             crate::guest_warn!("response not written: bad writable descriptors: {e}");
-            return 0;
-        }
-    };
-    let n = writer.available_bytes().min(bytes.len());
-    if n < bytes.len() {
-        crate::guest_warn!(
-            "response truncated: {} bytes of room for a {}-byte response",
-            n,
-            bytes.len()
-        );
-    }
-    match writer.write_all(&bytes[..n]) {
-        Ok(()) => n as u32,
-        Err(e) => {
-            crate::guest_warn!("writing the response failed: {e}");
             0
         }
     }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod backend_channel;
 pub mod blob_map;
 mod blobs;
+pub mod chain_io;
 pub mod config_space;
 pub mod control;
 pub mod decode;

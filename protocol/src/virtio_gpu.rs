@@ -1332,8 +1332,17 @@ pub fn response_header(req: Option<&CtrlHeader>, resp_type: u32) -> CtrlHeader {
 /// Encodes `resp` as the answer to the request with header `req` (see
 /// [`response_header`] for how the header is filled).
 pub fn encode_response(req: Option<&CtrlHeader>, resp: &Response) -> Vec<u8> {
-    let hdr = response_header(req, resp.resp_type());
     let mut out = Vec::with_capacity(resp.encoded_len());
+    encode_response_into(req, resp, &mut out);
+    out
+}
+
+/// [`encode_response`] into `out` (cleared first), so that a caller can reuse one buffer
+/// for every response.
+pub fn encode_response_into(req: Option<&CtrlHeader>, resp: &Response, out: &mut Vec<u8>) {
+    out.clear();
+    let hdr = response_header(req, resp.resp_type());
+    out.reserve(resp.encoded_len());
     out.extend_from_slice(&hdr.to_bytes());
     match resp {
         Response::OkNodata | Response::Err(_) => {}
@@ -1369,7 +1378,6 @@ pub fn encode_response(req: Option<&CtrlHeader>, resp: &Response) -> Vec<u8> {
             out.extend_from_slice(&0u32.to_le_bytes());
         }
     }
-    out
 }
 
 /// Parses a response as a driver would; None if it is too short or of a type this
