@@ -169,6 +169,9 @@ pub struct Control {
     request_buf: Vec<u8>,
     /// The response being written, likewise.
     response_buf: Vec<u8>,
+    /// Damage converted for an UPDATE (a sub-rectangle, or a format other than BGRX),
+    /// likewise.
+    pub(crate) update_buf: Vec<u8>,
     pub(crate) link: RendererLink,
     pub(crate) resources: ResourceTable,
     pub(crate) scanouts: Vec<Scanout>,
@@ -264,6 +267,7 @@ impl Control {
         Control {
             request_buf: Vec::new(),
             response_buf: Vec::new(),
+            update_buf: Vec::new(),
             resources: ResourceTable::new(config.limits),
             config,
             link,

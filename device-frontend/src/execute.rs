@@ -32,6 +32,10 @@ pub(crate) enum ScanoutSource {
 /// or refuse with a guest-visible error.
 pub(crate) type Outcome = Result<Result<Option<Response>, ErrorCode>, FrontendError>;
 
+/// The capacity of the update buffer kept between updates: a 1280x800 frame converted
+/// from a non-BGRX format, or any sub-rectangle up to that size.
+const KEPT_UPDATE_BUFFER: usize = 4 << 20;
+
 impl Control {
     pub(crate) fn execute(&mut self, req: Request) -> Outcome {
         let fence = self.fence_of(&req.hdr);
@@ -245,13 +249,14 @@ impl Control {
             .all(|e| mem.check_range(GuestAddress(e.addr), e.length as usize, Permissions::Read))
     }
 
-    pub(crate) fn scanouts_showing(&self, resource_id: u32) -> Vec<u32> {
-        self.scanouts
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.resource_id == resource_id && s.is_enabled())
-            .map(|(i, _)| i as u32)
-            .collect()
+    pub(crate) fn scanouts_showing(&self, resource_id: u32) -> crate::scanout::ScanoutIds {
+        let mut ids = crate::scanout::ScanoutIds::default();
+        for (i, s) in self.scanouts.iter().enumerate() {
+            if s.resource_id == resource_id && s.is_enabled() {
+                ids.insert(i as u32);
+            }
+        }
+        ids
     }
 
     pub(crate) fn disable_scanout(&mut self, scanout_id: u32) -> Result<(), FrontendError> {
@@ -419,7 +424,7 @@ impl Control {
         if self.is_blob(resource_id) {
             // A blob has no 2D shape of its own: the rect is in the framebuffer coordinates
             // of the blob scanouts showing it, and must lie inside each of them.
-            let fits = self.scanouts_showing(resource_id).iter().all(|&id| {
+            let fits = self.scanouts_showing(resource_id).iter().all(|id| {
                 self.scanouts[id as usize]
                     .blob
                     .is_some_and(|fb| rect.is_inside(fb.width, fb.height))
@@ -433,19 +438,15 @@ impl Control {
         } else if let Err(code) = self.resources.check_rect(resource_id, &rect) {
             return Ok(Err(code));
         }
-        let targets: Vec<(u32, Rect)> = self
-            .scanouts_showing(resource_id)
-            .into_iter()
-            .filter_map(|id| {
-                let s = &self.scanouts[id as usize];
-                s.rect.intersect(&rect).map(|r| (id, r))
-            })
-            .collect();
         let mirrored = self.mirrored(resource_id);
-        // A buffer in step is sent as it is; the others are the renderer's to write first.
+        // A buffer in step is sent as it is; the others are the renderer's to write first
+        // (the vector allocates only then: the renderer's path is the slow one anyway).
         let mut writes = Vec::new();
-        for (scanout_id, damage) in targets {
+        for scanout_id in self.scanouts_showing(resource_id) {
             let s = &self.scanouts[scanout_id as usize];
+            let Some(damage) = s.rect.intersect(&rect) else {
+                continue;
+            };
             if !mirrored || s.blob.is_some() {
                 writes.push((scanout_id, damage, damage));
             } else if s.sync.in_step() {
@@ -734,7 +735,7 @@ impl Control {
         let (Some(buffer), Some(display)) = (s.buffer.as_ref(), self.display.as_mut()) else {
             return;
         };
-        let Some(pixels) = buffer.read_bgrx(s.format, &rect) else {
+        let Some(pixels) = buffer.read_bgrx(s.format, &rect, &mut self.update_buf) else {
             log::warn!("scanout {scanout_id}: damage {rect:?} outside its buffer");
             return;
         };
@@ -744,8 +745,12 @@ impl Control {
             width: rect.width,
             height: rect.height,
         };
-        display.update(scanout_id, &on_screen, &pixels);
+        display.update(scanout_id, &on_screen, pixels);
         self.stats.updates += 1;
         self.stats.update_bytes += pixels.len() as u64;
+        if self.update_buf.capacity() > KEPT_UPDATE_BUFFER {
+            // A large converted update does not keep its megabytes for good.
+            self.update_buf = Vec::new();
+        }
     }
 }

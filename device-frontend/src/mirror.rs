@@ -125,7 +125,7 @@ pub fn apply_transfer(
     if offset < start_in_packed || x_bytes + row_bytes > stride {
         return Err(MirrorError::OutOfRange);
     }
-    let backing = Backing::new(entries);
+    let mut backing = Backing::new(entries);
     let mem = mem.memory();
     for r in 0..u64::from(rect.height) {
         let src = offset
@@ -154,46 +154,55 @@ pub fn apply_transfer(
     Ok(())
 }
 
-/// The backing as one byte range over its entries.
+/// The backing as one byte range over its entries. Rows are looked up in increasing
+/// order, so a cursor remembers where the last one was (no table is built: nothing is
+/// allocated per transfer).
 struct Backing<'a> {
     entries: &'a [BackingEntry],
-    /// Backing offset at which each entry starts, and the total at the end.
-    starts: Vec<u64>,
+    total: u64,
+    /// The entry the last lookup started in, and the backing offset where it starts.
+    cursor: (usize, u64),
 }
 
 impl<'a> Backing<'a> {
     fn new(entries: &'a [BackingEntry]) -> Self {
-        let mut starts = Vec::with_capacity(entries.len() + 1);
-        let mut at = 0u64;
-        for e in entries {
-            starts.push(at);
-            at += u64::from(e.length);
+        let total = entries.iter().map(|e| u64::from(e.length)).sum();
+        Backing {
+            entries,
+            total,
+            cursor: (0, 0),
         }
-        starts.push(at);
-        Backing { entries, starts }
     }
 
     /// Calls `f` with each guest range (address, length) holding backing bytes
     /// `[from, from + len)`, in order.
     fn for_each_range(
-        &self,
+        &mut self,
         from: u64,
         len: u64,
         mut f: impl FnMut(u64, u64) -> Result<(), MirrorError>,
     ) -> Result<(), MirrorError> {
         let end = from.checked_add(len).ok_or(MirrorError::OutOfRange)?;
-        if end > self.starts.last().copied().unwrap_or(0) {
+        if end > self.total {
             return Err(MirrorError::OutOfRange);
         }
+        if from < self.cursor.1 {
+            self.cursor = (0, 0);
+        }
+        let (mut i, mut start) = self.cursor;
+        // Past the entries that end at or before `from`.
+        while let Some(e) = self.entries.get(i) {
+            if start + u64::from(e.length) > from {
+                break;
+            }
+            start += u64::from(e.length);
+            i += 1;
+        }
+        self.cursor = (i, start);
         let mut at = from;
-        // The entry holding `from`: the last one starting at or before it.
-        let mut i = self
-            .starts
-            .partition_point(|&s| s <= from)
-            .saturating_sub(1);
         while at < end {
             let entry = self.entries.get(i).ok_or(MirrorError::OutOfRange)?;
-            let within = at - self.starts[i];
+            let within = at - start;
             let n = (u64::from(entry.length) - within).min(end - at);
             if n > 0 {
                 f(
@@ -205,6 +214,7 @@ impl<'a> Backing<'a> {
                 )?;
             }
             at += n;
+            start += u64::from(entry.length);
             i += 1;
         }
         Ok(())
@@ -219,7 +229,7 @@ mod tests {
         BackingEntry { addr, length }
     }
 
-    fn ranges(b: &Backing<'_>, from: u64, len: u64) -> Result<Vec<(u64, u64)>, MirrorError> {
+    fn ranges(b: &mut Backing<'_>, from: u64, len: u64) -> Result<Vec<(u64, u64)>, MirrorError> {
         let mut out = Vec::new();
         b.for_each_range(from, len, |a, n| {
             out.push((a, n));
@@ -231,20 +241,20 @@ mod tests {
     #[test]
     fn backing_ranges_follow_the_entries() {
         let entries = [entry(0x1000, 100), entry(0x9000, 50), entry(0x5000, 10)];
-        let b = Backing::new(&entries);
-        assert_eq!(ranges(&b, 0, 100).unwrap(), [(0x1000, 100)]);
+        let b = &mut Backing::new(&entries);
+        assert_eq!(ranges(b, 0, 100).unwrap(), [(0x1000, 100)]);
         assert_eq!(
-            ranges(&b, 90, 20).unwrap(),
+            ranges(b, 90, 20).unwrap(),
             [(0x1000 + 90, 10), (0x9000, 10)]
         );
         assert_eq!(
-            ranges(&b, 99, 61).unwrap(),
+            ranges(b, 99, 61).unwrap(),
             [(0x1000 + 99, 1), (0x9000, 50), (0x5000, 10)]
         );
-        assert_eq!(ranges(&b, 150, 10).unwrap(), [(0x5000, 10)]);
-        assert!(matches!(ranges(&b, 151, 10), Err(MirrorError::OutOfRange)));
+        assert_eq!(ranges(b, 150, 10).unwrap(), [(0x5000, 10)]);
+        assert!(matches!(ranges(b, 151, 10), Err(MirrorError::OutOfRange)));
         assert!(matches!(
-            ranges(&b, u64::MAX, 2),
+            ranges(b, u64::MAX, 2),
             Err(MirrorError::OutOfRange)
         ));
     }
@@ -257,9 +267,9 @@ mod tests {
             entry(0x3000, 0),
             entry(0x4000, 8),
         ];
-        let b = Backing::new(&entries);
-        assert_eq!(ranges(&b, 0, 16).unwrap(), [(0x2000, 8), (0x4000, 8)]);
-        assert_eq!(ranges(&b, 8, 8).unwrap(), [(0x4000, 8)]);
+        let b = &mut Backing::new(&entries);
+        assert_eq!(ranges(b, 0, 16).unwrap(), [(0x2000, 8), (0x4000, 8)]);
+        assert_eq!(ranges(b, 8, 8).unwrap(), [(0x4000, 8)]);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! for a 2D resource it applies the guest's transfers to the buffer itself (`mirror`), so
 //! that a flush needs no renderer round trip.
 
-use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -96,9 +95,14 @@ impl ScanoutBuffer {
     /// The pixels of `rect` (resource coordinates) as BGRX rows. Borrowed straight from
     /// the shared buffer when the format needs no conversion and the rows are contiguous
     /// (full-width damage, the common full-frame case), so the pixels go from the memfd to
-    /// the display socket without a copy here; otherwise converted into a new buffer in one
-    /// pass. None when `rect` does not fit the buffer.
-    pub fn read_bgrx(&self, format: Format, rect: &Rect) -> Option<Cow<'_, [u8]>> {
+    /// the display socket without a copy here; otherwise converted into `scratch` (reused
+    /// from one update to the next) in one pass. None when `rect` does not fit the buffer.
+    pub fn read_bgrx<'a>(
+        &'a self,
+        format: Format,
+        rect: &Rect,
+        scratch: &'a mut Vec<u8>,
+    ) -> Option<&'a [u8]> {
         let row_bytes = usize::try_from(rect.width).ok()?.checked_mul(4)?;
         let stride = self.stride as usize;
         let x_bytes = (rect.x as usize).checked_mul(4)?;
@@ -114,14 +118,15 @@ impl ScanoutBuffer {
         }
         let all = self.bytes();
         if format.is_bgrx_layout() && row_bytes == stride {
-            return Some(Cow::Borrowed(&all[first..end]));
+            return Some(&all[first..end]);
         }
-        let mut out = vec![0u8; row_bytes * rect.height as usize];
-        for (i, dst) in out.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+        scratch.clear();
+        scratch.resize(row_bytes * rect.height as usize, 0);
+        for (i, dst) in scratch.chunks_exact_mut(row_bytes.max(1)).enumerate() {
             let start = first + i * stride + x_bytes;
             format.convert_row_to_bgrx(&all[start..start + row_bytes], dst);
         }
-        Some(Cow::Owned(out))
+        Some(&scratch[..])
     }
 
     /// A copy of the bytes of `rect` (resource coordinates), row after row, as they are
@@ -176,6 +181,55 @@ impl Drop for ScanoutBuffer {
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             log::warn!("munmap of a scanout buffer failed: {e}");
         }
+    }
+}
+
+/// A set of scanout ids (there are at most 16), without allocating.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanoutIds(u16);
+
+impl ScanoutIds {
+    /// Adds `id` (ids from 16 on are not representable and ignored).
+    pub fn insert(&mut self, id: u32) {
+        if id < 16 {
+            self.0 |= 1 << id;
+        }
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The ids, lowest first.
+    pub fn iter(self) -> ScanoutIdsIter {
+        ScanoutIdsIter(self.0)
+    }
+}
+
+impl IntoIterator for ScanoutIds {
+    type Item = u32;
+    type IntoIter = ScanoutIdsIter;
+
+    fn into_iter(self) -> ScanoutIdsIter {
+        ScanoutIdsIter(self.0)
+    }
+}
+
+/// The ids of a [`ScanoutIds`], lowest first.
+pub struct ScanoutIdsIter(u16);
+
+impl Iterator for ScanoutIdsIter {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.0 == 0 {
+            return None;
+        }
+        let id = self.0.trailing_zeros();
+        // Clears the lowest set bit.
+        self.0 &= self.0 - 1;
+        Some(id)
     }
 }
 
@@ -240,7 +294,11 @@ mod tests {
             width: 2,
             height: 1,
         };
-        let got = buf.read_bgrx(Format::B8G8R8X8Unorm, &rect).unwrap();
+        let mut scratch = Vec::new();
+        let got = buf
+            .read_bgrx(Format::B8G8R8X8Unorm, &rect, &mut scratch)
+            .unwrap()
+            .to_vec();
         assert_eq!(got, (36u8..44).collect::<Vec<_>>());
         let rows = Rect {
             x: 0,
@@ -248,14 +306,15 @@ mod tests {
             width: 4,
             height: 2,
         };
-        let whole_rows = buf.read_bgrx(Format::B8G8R8X8Unorm, &rows).unwrap();
-        assert!(
-            matches!(whole_rows, Cow::Borrowed(_)),
-            "full rows need no copy"
-        );
-        assert_eq!(&*whole_rows, &(16u8..48).collect::<Vec<_>>()[..]);
-        let swapped = buf.read_bgrx(Format::R8G8B8X8Unorm, &rows).unwrap();
-        assert!(matches!(swapped, Cow::Owned(_)));
+        let mut scratch = Vec::new();
+        let whole_rows = buf
+            .read_bgrx(Format::B8G8R8X8Unorm, &rows, &mut scratch)
+            .unwrap();
+        assert_eq!(whole_rows, &(16u8..48).collect::<Vec<_>>()[..]);
+        assert!(scratch.is_empty(), "full rows need no copy");
+        let swapped = buf
+            .read_bgrx(Format::R8G8B8X8Unorm, &rows, &mut scratch)
+            .unwrap();
         assert_eq!(&swapped[..4], &[18, 17, 16, 19]);
         let outside = Rect {
             x: 3,
@@ -263,14 +322,18 @@ mod tests {
             width: 2,
             height: 1,
         };
-        assert!(buf.read_bgrx(Format::B8G8R8X8Unorm, &outside).is_none());
+        assert!(buf
+            .read_bgrx(Format::B8G8R8X8Unorm, &outside, &mut scratch)
+            .is_none());
         let below = Rect {
             x: 0,
             y: 4,
             width: 1,
             height: 1,
         };
-        assert!(buf.read_bgrx(Format::B8G8R8X8Unorm, &below).is_none());
+        assert!(buf
+            .read_bgrx(Format::B8G8R8X8Unorm, &below, &mut scratch)
+            .is_none());
     }
 
     struct ScanoutWriter {
