@@ -519,6 +519,10 @@ pub struct Harness {
     query_ring: Option<u64>,
     /// The VMM's backend request channel, when connected.
     vmm: Option<Vmm>,
+    /// Called with true before and false after every call into the control actor (what
+    /// the frontend process does), so that a test can tell its work from the harness's and
+    /// the renderer's (`tests/tests/allocations.rs` counts its allocations).
+    actor_probe: Option<fn(bool)>,
     /// Response type of every answered chain, in the order the harness collected them.
     answers: Vec<(String, u32)>,
 }
@@ -664,6 +668,7 @@ impl Harness {
             dims: HashMap::new(),
             query_ring: None,
             vmm,
+            actor_probe: None,
             answers: Vec::new(),
         };
         h.input(Input::Memory(h.mem.clone()));
@@ -703,9 +708,36 @@ impl Harness {
     /// Hands one mailbox input to the actor and lets everything settle, VMM acks that
     /// are already back included.
     fn input(&mut self, input: Input) {
-        self.control.handle(input).expect("control actor input");
+        self.actor(|c| c.handle(input)).expect("control actor input");
         self.pump();
         self.take_vmm_acks(None);
+    }
+
+    /// Whether the renderer's doorbell is readable (without consuming it).
+    fn doorbell_rang(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::BorrowedFd;
+        // SAFETY: the actor owns the doorbell and keeps it open for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.control.renderer_doorbell()) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+    }
+
+    /// Has `probe` called around every call into the control actor from now on.
+    pub fn probe_actor(&mut self, probe: fn(bool)) {
+        self.actor_probe = Some(probe);
+    }
+
+    /// Runs `f` on the control actor, between the probe's calls.
+    fn actor<R>(&mut self, f: impl FnOnce(&mut Control) -> R) -> R {
+        if let Some(p) = self.actor_probe {
+            p(true);
+        }
+        let r = f(&mut self.control);
+        if let Some(p) = self.actor_probe {
+            p(false);
+        }
+        r
     }
 
     /// Hands the VMM's acks to the actor: those already back, then, while the VMM has
@@ -744,7 +776,7 @@ impl Harness {
     /// until neither has anything left, as the two processes' event loops would.
     fn pump(&mut self) {
         for _ in 0..100_000 {
-            self.control.finish_batch().expect("finish batch");
+            self.actor(Control::finish_batch).expect("finish batch");
             let mut handled = false;
             while let Ok(batch) = self.requests.try_recv() {
                 handled = true;
@@ -752,11 +784,14 @@ impl Harness {
                     .handle_batch(batch)
                     .expect("the frontend takes the renderer's events");
             }
-            // Replies and fence completions; the doorbell is non-blocking, so this is a
-            // no-op when nothing came.
-            self.control.renderer_events().expect("renderer events");
+            // Replies and fence completions, when the doorbell rang (as the frontend's
+            // event loop takes them: only then).
+            if self.doorbell_rang() {
+                self.actor(Control::renderer_events)
+                    .expect("renderer events");
+            }
             if !handled {
-                self.control.finish_batch().expect("finish batch");
+                self.actor(Control::finish_batch).expect("finish batch");
                 return;
             }
         }
