@@ -172,6 +172,8 @@ pub struct Control {
     /// Damage converted for an UPDATE (a sub-rectangle, or a format other than BGRX),
     /// likewise.
     pub(crate) update_buf: Vec<u8>,
+    /// The renderer's events being handled, likewise.
+    events_buf: Vec<RendererEvent>,
     pub(crate) link: RendererLink,
     pub(crate) resources: ResourceTable,
     pub(crate) scanouts: Vec<Scanout>,
@@ -268,6 +270,7 @@ impl Control {
             request_buf: Vec::new(),
             response_buf: Vec::new(),
             update_buf: Vec::new(),
+            events_buf: Vec::new(),
             resources: ResourceTable::new(config.limits),
             config,
             link,
@@ -331,13 +334,17 @@ impl Control {
     /// renderer's replies and fence completions; if it is gone, answer what it owed and
     /// take a new link if the broker has one.
     pub fn renderer_events(&mut self) -> Result<(), FrontendError> {
-        let (events, gone) = self.link.take_events();
-        for event in events {
+        // The buffer is taken out while its events are handled (they need the actor) and
+        // put back empty, so its capacity serves the next batch.
+        let mut events = std::mem::take(&mut self.events_buf);
+        let gone = self.link.take_events(&mut events);
+        for event in events.drain(..) {
             match event {
                 RendererEvent::Reply { seq, result } => self.on_reply(seq, result),
                 RendererEvent::FenceSignaled(f) => self.on_fence(f),
             }
         }
+        self.events_buf = events;
         if gone {
             self.renderer_gone("its event channel closed");
             self.settle_renderer_loss()?;

@@ -122,23 +122,23 @@ impl RendererLink {
         seq
     }
 
-    /// Every event the renderer has sent so far, after the doorbell rang, and whether the
-    /// renderer is gone (its channel closed, or it sent something that is not an event).
-    pub fn take_events(&mut self) -> (Vec<RendererEvent>, bool) {
+    /// Appends every event the renderer has sent so far to `events` (a buffer the caller
+    /// reuses), after the doorbell rang; true when the renderer is gone (its channel
+    /// closed, or it sent something that is not an event).
+    pub fn take_events(&mut self, events: &mut Vec<RendererEvent>) -> bool {
         // Silence the bell before reading: an event sent after this read rings it again.
         let mut buf = [0u8; 8];
         let _ = nix::unistd::read(&self.doorbell, &mut buf);
-        let mut events = Vec::new();
         if !self.alive {
-            return (events, true);
+            return true;
         }
         loop {
             match self.rx.try_recv() {
                 Ok(event) => events.push(event),
-                Err(ipc_channel::TryRecvError::Empty) => return (events, false),
+                Err(ipc_channel::TryRecvError::Empty) => return false,
                 Err(ipc_channel::TryRecvError::IpcError(e)) => {
                     log::debug!("renderer event channel: {e:?}");
-                    return (events, true);
+                    return true;
                 }
             }
         }
