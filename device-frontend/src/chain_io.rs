@@ -38,25 +38,14 @@ pub enum ChainError {
 /// over the per-VM size limit is ERR_OUT_OF_MEMORY however long its chain is.
 pub fn read_request(chain: &Chain, max: usize, buf: &mut Vec<u8>) -> Result<(), ChainError> {
     buf.clear();
-    let mem = chain.memory();
-    let mut total = 0usize;
-    for desc in chain.clone().readable() {
-        total = total
-            .checked_add(desc.len() as usize)
-            .ok_or(ChainError::Overflow)?;
-        for slice in mem
-            .get_slices(desc.addr(), desc.len() as usize, Permissions::Read)
-            .map_err(|err| memory_err(&desc, err))?
-        {
-            let slice = slice.map_err(|err| memory_err(&desc, err))?;
-            let take = slice.len().min(max - buf.len());
-            if take > 0 {
-                let at = buf.len();
-                buf.resize(at + take, 0);
-                slice.copy_to(&mut buf[at..]);
-            }
+    each_slice(chain, Permissions::Read, |slice| {
+        let take = slice.len().min(max - buf.len());
+        if take > 0 {
+            let at = buf.len();
+            buf.resize(at + take, 0);
+            slice.copy_to(&mut buf[at..]);
         }
-    }
+    })?;
     Ok(())
 }
 
@@ -71,38 +60,50 @@ pub struct Written {
 /// Writes as much of `bytes` as the chain's writable descriptors hold; nothing at all
 /// when one of them is not in guest memory.
 pub fn write_response(chain: &Chain, bytes: &[u8]) -> Result<Written, ChainError> {
-    let mem = chain.memory();
-    let mut room = 0usize;
-    for desc in chain.clone().writable() {
-        room = room
-            .checked_add(desc.len() as usize)
-            .ok_or(ChainError::Overflow)?;
-        for slice in mem
-            .get_slices(desc.addr(), desc.len() as usize, Permissions::Write)
-            .map_err(|err| memory_err(&desc, err))?
-        {
-            slice.map_err(|err| memory_err(&desc, err))?;
-        }
-    }
+    // Every writable descriptor is checked before the first byte is written.
+    let room = each_slice(chain, Permissions::Write, |_| {})?;
     let mut done = 0usize;
-    for desc in chain.clone().writable() {
-        for slice in mem
-            .get_slices(desc.addr(), desc.len() as usize, Permissions::Write)
-            .map_err(|err| memory_err(&desc, err))?
-        {
-            let slice = slice.map_err(|err| memory_err(&desc, err))?;
-            let n = slice.len().min(bytes.len() - done);
-            if n > 0 {
-                slice.copy_from(&bytes[done..done + n]);
-                done += n;
-            }
+    each_slice(chain, Permissions::Write, |slice| {
+        let n = slice.len().min(bytes.len() - done);
+        if n > 0 {
+            slice.copy_from(&bytes[done..done + n]);
+            done += n;
         }
-    }
+    })?;
     Ok(Written {
         // A response is at most a few KiB (capsets are bounded by the limits).
         len: u32::try_from(done).unwrap_or(u32::MAX),
         room,
     })
+}
+
+/// Calls `f` with every guest memory slice of the chain's readable (`Permissions::Read`)
+/// or writable descriptors, in order; returns their total length. Fails on the first
+/// descriptor that is not in guest memory, or when the lengths overflow.
+fn each_slice(
+    chain: &Chain,
+    direction: Permissions,
+    mut f: impl FnMut(vm_memory::VolatileSlice<'_>),
+) -> Result<usize, ChainError> {
+    let mem = chain.memory();
+    let descriptors = if direction == Permissions::Write {
+        chain.clone().writable()
+    } else {
+        chain.clone().readable()
+    };
+    let mut total = 0usize;
+    for desc in descriptors {
+        total = total
+            .checked_add(desc.len() as usize)
+            .ok_or(ChainError::Overflow)?;
+        for slice in mem
+            .get_slices(desc.addr(), desc.len() as usize, direction)
+            .map_err(|err| memory_err(&desc, err))?
+        {
+            f(slice.map_err(|err| memory_err(&desc, err))?);
+        }
+    }
+    Ok(total)
 }
 
 fn memory_err(

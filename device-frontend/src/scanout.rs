@@ -103,6 +103,36 @@ impl ScanoutBuffer {
         rect: &Rect,
         scratch: &'a mut Vec<u8>,
     ) -> Option<&'a [u8]> {
+        let span = self.span(rect)?;
+        let all = self.bytes();
+        if format.is_bgrx_layout() && span.row_bytes == span.stride {
+            return Some(&all[span.first..span.end]);
+        }
+        scratch.clear();
+        scratch.resize(span.row_bytes * rect.height as usize, 0);
+        for (row, dst) in span
+            .rows(rect.height)
+            .zip(scratch.chunks_exact_mut(span.row_bytes.max(1)))
+        {
+            format.convert_row_to_bgrx(&all[row], dst);
+        }
+        Some(&scratch[..])
+    }
+
+    /// A copy of the bytes of `rect` (resource coordinates), row after row, as they are
+    /// (no format conversion); None when `rect` does not fit the buffer.
+    pub fn copy_rect(&self, rect: &Rect) -> Option<Vec<u8>> {
+        let span = self.span(rect)?;
+        let all = self.bytes();
+        let mut out = Vec::with_capacity(span.row_bytes * rect.height as usize);
+        for row in span.rows(rect.height) {
+            out.extend_from_slice(&all[row]);
+        }
+        Some(out)
+    }
+
+    /// Where `rect`'s rows lie in the buffer; None when it does not fit.
+    fn span(&self, rect: &Rect) -> Option<Span> {
         let row_bytes = usize::try_from(rect.width).ok()?.checked_mul(4)?;
         let stride = self.stride as usize;
         let x_bytes = (rect.x as usize).checked_mul(4)?;
@@ -116,40 +146,13 @@ impl ScanoutBuffer {
         if end > self.len {
             return None;
         }
-        let all = self.bytes();
-        if format.is_bgrx_layout() && row_bytes == stride {
-            return Some(&all[first..end]);
-        }
-        scratch.clear();
-        scratch.resize(row_bytes * rect.height as usize, 0);
-        for (i, dst) in scratch.chunks_exact_mut(row_bytes.max(1)).enumerate() {
-            let start = first + i * stride + x_bytes;
-            format.convert_row_to_bgrx(&all[start..start + row_bytes], dst);
-        }
-        Some(&scratch[..])
-    }
-
-    /// A copy of the bytes of `rect` (resource coordinates), row after row, as they are
-    /// (no format conversion); None when `rect` does not fit the buffer.
-    pub fn copy_rect(&self, rect: &Rect) -> Option<Vec<u8>> {
-        let row = usize::try_from(rect.width).ok()?.checked_mul(4)?;
-        let stride = self.stride as usize;
-        let x = (rect.x as usize).checked_mul(4)?;
-        if x.checked_add(row)? > stride {
-            return None;
-        }
-        let end = (rect.y as usize)
-            .checked_add(rect.height as usize)?
-            .checked_mul(stride)?;
-        if end > self.len {
-            return None;
-        }
-        let all = self.bytes();
-        let mut out = Vec::with_capacity(row * rect.height as usize);
-        for r in rect.y as usize..rect.y as usize + rect.height as usize {
-            out.extend_from_slice(&all[r * stride + x..r * stride + x + row]);
-        }
-        Some(out)
+        Some(Span {
+            row_bytes,
+            stride,
+            x_bytes,
+            first,
+            end,
+        })
     }
 
     /// `len` bytes at `offset`, to write into (None when outside the buffer).
@@ -181,6 +184,27 @@ impl Drop for ScanoutBuffer {
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             log::warn!("munmap of a scanout buffer failed: {e}");
         }
+    }
+}
+
+/// A rectangle's rows in a buffer, checked to fit it.
+struct Span {
+    row_bytes: usize,
+    stride: usize,
+    x_bytes: usize,
+    /// Start of the first row (at x = 0).
+    first: usize,
+    /// End of the last row (at x = 0 of the next).
+    end: usize,
+}
+
+impl Span {
+    /// The byte range of each of the `height` rows.
+    fn rows(&self, height: u32) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..height as usize).map(move |i| {
+            let start = self.first + i * self.stride + self.x_bytes;
+            start..start + self.row_bytes
+        })
     }
 }
 
