@@ -39,6 +39,9 @@ pub const CURSOR_QUEUE: u16 = 1;
 /// Number of virtqueues.
 pub const NUM_QUEUES: usize = 2;
 
+/// Quiet renderer requests in flight at most; the next is sent with a reply asked for.
+const MAX_QUIET: usize = 256;
+
 /// The capacity of the request buffer kept between commands (every fixed-size command
 /// and ordinary SUBMIT_3D streams fit).
 const KEPT_REQUEST_BUFFER: usize = 64 << 10;
@@ -186,6 +189,9 @@ pub struct Control {
     /// unblocked (the driver will not kick for what it already queued).
     control_deferred: bool,
     pub(crate) pending: HashMap<u64, PendingReply>,
+    /// Quiet requests (answered already, see `request_decided`) not yet known to have
+    /// succeeded, oldest first: a reply to a later request settles them.
+    pub(crate) quiet: VecDeque<(u64, After)>,
     next_entry_id: u64,
     /// The entry being executed right now, so `request` can charge replies to it.
     pub(crate) current: Option<(usize, u64)>,
@@ -282,6 +288,7 @@ impl Control {
             fifos: [VecDeque::new(), VecDeque::new()],
             control_deferred: false,
             pending: HashMap::new(),
+            quiet: VecDeque::new(),
             next_entry_id: 1,
             current: None,
             event_idx,
@@ -525,7 +532,17 @@ impl Control {
         fence: Option<FenceInfo>,
         after: After,
     ) -> Result<(), FrontendError> {
-        let seq = match self.link.send(op, fence) {
+        self.request_with(op, fence, after, false)
+    }
+
+    fn request_with(
+        &mut self,
+        op: RendererOp,
+        fence: Option<FenceInfo>,
+        after: After,
+        quiet: bool,
+    ) -> Result<(), FrontendError> {
+        let seq = match self.link.send(op, fence, quiet) {
             Ok(seq) => seq,
             Err(e) => {
                 // Recorded as sent all the same: `settle_renderer_loss` answers it with
@@ -544,7 +561,11 @@ impl Control {
                 }
             }
         }
-        self.pending.insert(seq, PendingReply { entry, after });
+        if quiet && fence.is_none() && entry.is_none() {
+            self.quiet.push_back((seq, after));
+        } else {
+            self.pending.insert(seq, PendingReply { entry, after });
+        }
         Ok(())
     }
 
@@ -558,7 +579,10 @@ impl Control {
         after: After,
     ) -> Result<(), FrontendError> {
         let current = self.current.take();
-        let sent = self.request(op, None, after);
+        // Quiet: no reply unless refused. A bounded number at a time, so that a guest that
+        // sends nothing else still gets a reply now and then, which settles the rest.
+        let quiet = self.quiet.len() < MAX_QUIET;
+        let sent = self.request_with(op, None, after, quiet);
         self.current = current;
         sent
     }
@@ -780,6 +804,17 @@ impl Control {
     }
 
     fn on_reply(&mut self, seq: u64, result: Result<ReplyBody, protocol::ipc::RenderError>) {
+        // Replies come in order: the quiet requests before this one succeeded.
+        while self.quiet.front().is_some_and(|(q, _)| *q < seq) {
+            self.quiet.pop_front();
+        }
+        if self.quiet.front().is_some_and(|(q, _)| *q == seq) {
+            if let (Some((_, after)), Err(e)) = (self.quiet.pop_front(), &result) {
+                crate::guest_warn!("renderer refused request {seq}: {e}");
+                self.after_err(after);
+            }
+            return;
+        }
         let Some(p) = self.pending.remove(&seq) else {
             log::warn!("renderer replied to unknown request {seq}; ignored");
             return;

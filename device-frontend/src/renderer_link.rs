@@ -92,14 +92,24 @@ impl RendererLink {
     }
 
     /// Queues one request for the next [`RendererLink::flush`] and returns its sequence
-    /// number.
-    pub fn send(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> Result<u64, FrontendError> {
+    /// number; a `quiet` one is answered only if refused (see [`RendererRequest::quiet`]).
+    pub fn send(
+        &mut self,
+        op: RendererOp,
+        fence: Option<FenceInfo>,
+        quiet: bool,
+    ) -> Result<u64, FrontendError> {
         if !self.alive {
             return Err(FrontendError::RendererGone);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.batch.push(RendererRequest { seq, op, fence });
+        self.batch.push(RendererRequest {
+            seq,
+            op,
+            fence,
+            quiet: quiet && fence.is_none(),
+        });
         Ok(seq)
     }
 

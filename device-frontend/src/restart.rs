@@ -60,6 +60,11 @@ impl Control {
         if self.link.is_alive() {
             return Ok(());
         }
+        // Quiet requests it may not have executed: their effects are undone as for a
+        // refusal (none has a guest command waiting).
+        while let Some((_, after)) = self.quiet.pop_front() {
+            self.after_err(after);
+        }
         let mut owed: Vec<_> = self.pending.drain().collect();
         owed.sort_unstable_by_key(|(seq, _)| *seq);
         let mut failed = 0usize;

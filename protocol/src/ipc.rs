@@ -74,6 +74,12 @@ pub struct RendererRequest {
     pub op: RendererOp,
     /// A fence to create once `op` has been executed, if the guest asked for one.
     pub fence: Option<FenceInfo>,
+    /// Reply only if `op` is refused. For operations the frontend has already answered
+    /// (its own checks decided the outcome): a success changes nothing there, so the
+    /// renderer neither serialises a reply nor wakes the frontend for it. The frontend
+    /// learns that a quiet request succeeded from the next reply, to any later request
+    /// (replies come in `seq` order). Never set together with `fence`.
+    pub quiet: bool,
 }
 
 /// Operations the renderer executes. Every id and rectangle has already been validated by

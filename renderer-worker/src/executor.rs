@@ -254,7 +254,12 @@ impl<R: Renderer> Executor<R> {
 
     /// Executes one request, sends its reply, then creates its fence.
     pub fn handle(&mut self, request: RendererRequest) -> Result<(), SinkClosed> {
-        let RendererRequest { seq, op, fence } = request;
+        let RendererRequest {
+            seq,
+            op,
+            fence,
+            quiet,
+        } = request;
         let name = describe(&op);
         log::debug!("request {seq}: {name}, fence {fence:?}");
         let result = self.execute(op);
@@ -262,6 +267,8 @@ impl<R: Renderer> Executor<R> {
             // A guest can cause any number of these; the frontend logs each refusal under
             // its rate limit for guest-caused lines (guest_warn!), so not at warn here.
             log::debug!("request {seq} ({name}) rejected: {e}");
+        } else if quiet && fence.is_none() {
+            return Ok(());
         }
         self.events.send(RendererEvent::Reply { seq, result })?;
         if let Some(fence) = fence {

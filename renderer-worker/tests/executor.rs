@@ -108,6 +108,24 @@ impl Frontend {
             seq: self.seq,
             op,
             fence,
+            quiet: false,
+        };
+        self.requests
+            .as_ref()
+            .expect("request channel open")
+            .send(vec![request])
+            .expect("send request");
+        self.seq
+    }
+
+    /// Sends `op` quiet: a reply only if it is refused.
+    fn send_quiet(&mut self, op: RendererOp) -> u64 {
+        self.seq += 1;
+        let request = RendererRequest {
+            seq: self.seq,
+            op,
+            fence: None,
+            quiet: true,
         };
         self.requests
             .as_ref()
@@ -306,6 +324,31 @@ fn guest_pixels_reach_the_scanout_buffer_exactly() {
     });
     assert!(matches!(r, Err(RenderError::InvalidParameter(_))), "{r:?}");
     fe.finish().unwrap();
+}
+
+#[test]
+fn a_quiet_request_is_answered_only_when_refused() {
+    let mut fe = Frontend::start(config());
+    let _guest = fe.set_guest_memory();
+    fe.resource(7, 16, 16, 0);
+    // Executed, not answered: the next event is the reply to the request after it.
+    fe.send_quiet(RendererOp::TransferToHost2d {
+        resource_id: 7,
+        rect: rect(0, 0, 16, 16),
+        offset: 0,
+    });
+    let refused = fe.send_quiet(RendererOp::TransferToHost2d {
+        resource_id: 99,
+        rect: rect(0, 0, 16, 16),
+        offset: 0,
+    });
+    assert!(
+        fe.reply(refused).is_err(),
+        "a refused quiet request is answered with its error"
+    );
+    let loud = fe.send(RendererOp::DetachBacking { resource_id: 7 }, None);
+    assert_eq!(fe.reply(loud), Ok(ReplyBody::Done));
+    fe.finish().expect("clean exit");
 }
 
 #[test]
@@ -582,6 +625,7 @@ fn a_vanished_frontend_ends_the_loop_cleanly() {
             seq: 99,
             op: RendererOp::Reset,
             fence: None,
+            quiet: false,
         }])
         .unwrap();
     let result = done

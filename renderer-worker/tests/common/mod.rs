@@ -142,7 +142,12 @@ impl Jailed {
         self.seq += 1;
         let seq = self.seq;
         self.req_tx
-            .send(vec![RendererRequest { seq, op, fence }])
+            .send(vec![RendererRequest {
+                seq,
+                op,
+                fence,
+                quiet: false,
+            }])
             .unwrap();
         match self.ev_rx.try_recv_timeout(WAIT) {
             Ok(RendererEvent::Reply { seq: got, result }) if got == seq => result,
