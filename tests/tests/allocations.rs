@@ -151,11 +151,11 @@ fn a_damage_update_allocates_a_bounded_few_times() {
     let per_update = n as f64 / 100.0;
     eprintln!("{per_update} allocations in the actor per damage update");
     // What is left (7 in session 4, plus a reply to every 257th transfer): the renderer
-    // request vector (one per batch: ipc-channel's `send` takes it by value),
-    // ipc-channel's serialization (2), vhost's / vmm-sys-util's for the UPDATE (3) and one
-    // more in ipc-channel's send. The transfer's success is not replied (a quiet request),
-    // so nothing is received. The bound is what is left, so that any new allocation on
-    // this path shows up here; lower it as they go.
+    // request vector (one per batch: ipc-channel's `send` takes it by value), postcard's
+    // serialization of it (2), and vhost's / vmm-sys-util's `send_iovec_all` for the
+    // UPDATE (4). The transfer's success is not replied (a quiet request), so nothing is
+    // received. The bound is what is left, so that any new allocation on this path shows
+    // up here; lower it as they go.
     assert!(
         per_update <= 7.1,
         "{per_update} allocations in the actor per damage update (TRANSFER + FLUSH)"
