@@ -103,29 +103,21 @@ impl Frontend {
     }
 
     fn send(&mut self, op: RendererOp, fence: Option<FenceInfo>) -> u64 {
+        self.push(op, fence, false)
+    }
+
+    /// Sends `op` quiet: a reply only if it is refused.
+    fn send_quiet(&mut self, op: RendererOp) -> u64 {
+        self.push(op, None, true)
+    }
+
+    fn push(&mut self, op: RendererOp, fence: Option<FenceInfo>, quiet: bool) -> u64 {
         self.seq += 1;
         let request = RendererRequest {
             seq: self.seq,
             op,
             fence,
-            quiet: false,
-        };
-        self.requests
-            .as_ref()
-            .expect("request channel open")
-            .send(vec![request])
-            .expect("send request");
-        self.seq
-    }
-
-    /// Sends `op` quiet: a reply only if it is refused.
-    fn send_quiet(&mut self, op: RendererOp) -> u64 {
-        self.seq += 1;
-        let request = RendererRequest {
-            seq: self.seq,
-            op,
-            fence: None,
-            quiet: true,
+            quiet,
         };
         self.requests
             .as_ref()
