@@ -360,6 +360,12 @@ impl Control {
         Ok(())
     }
 
+    /// Quiet renderer requests not yet known to have succeeded (bounded by
+    /// `MAX_QUIET`).
+    pub fn quiet_in_flight(&self) -> usize {
+        self.quiet.len()
+    }
+
     /// The doorbell the event loop must watch.
     pub fn renderer_doorbell(&self) -> std::os::fd::RawFd {
         self.link.doorbell_fd()

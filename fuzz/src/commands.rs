@@ -700,6 +700,11 @@ impl Harness {
         &self.answers
     }
 
+    /// The control actor, to look at.
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
     /// The display peer's view, when the run has one.
     pub fn display(&self) -> Option<&DisplayPeer> {
         self.display.as_ref()

@@ -237,3 +237,47 @@ fn commands_harness_names_huge_resources() {
     assert_eq!(answers.len(), 6);
     assert!(answers.iter().all(|(_, t)| *t >= 0x1200), "{answers:#?}");
 }
+
+/// Unfenced transfers are quiet renderer requests (replied only if refused); with nothing
+/// else sent, every 257th asks for a reply, which settles those before it: the frontend's
+/// list of unsettled ones stays bounded however long the guest keeps transferring.
+#[test]
+fn quiet_renderer_requests_stay_bounded() {
+    let setup = Setup {
+        display: false,
+        display_from_vmm: false,
+        edid: false,
+        outputs: 1,
+        vmm: false,
+        vmm_acks: VmmAcks::Normal,
+    };
+    let mut h = Harness::new(&setup);
+    let r = Id(1);
+    h.step(&quiet_cmd(Cmd::Create2d(r, 1, Dim(16), Dim(8))));
+    h.step(&quiet_cmd(Cmd::Attach(r, vec![EntrySpec::Covering(0)])));
+    let mut most = 0;
+    for i in 0..1000 {
+        h.step(&quiet_cmd(Cmd::Transfer(
+            r,
+            RectSpec::Full,
+            OffsetSpec::Zero,
+        )));
+        h.check(&format!("transfer {i}"));
+        most = most.max(h.control().quiet_in_flight());
+    }
+    assert!(
+        (1..=256).contains(&most),
+        "{most} quiet requests unsettled at most (expected 1 to 256)"
+    );
+    let answers = h.finish();
+    assert!(answers.iter().all(|(_, t)| *t == 0x1100), "{answers:?}");
+}
+
+fn quiet_cmd(c: Cmd) -> Step {
+    let hdr = Header {
+        fence: None,
+        ctx: 0,
+        ring: None,
+    };
+    Step::Cmd(c, hdr, Shape::default())
+}
