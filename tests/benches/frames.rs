@@ -387,30 +387,7 @@ fn measure(
         mem.write(backing.addr, pixels).map_err(|e| e.to_string())?;
         display.skip_to_end();
         let t = Instant::now();
-        let tr = gpu
-            .submit(
-                &Command::TransferToHost2d {
-                    resource_id: 1,
-                    rect: full,
-                    offset: 0,
-                },
-                None,
-            )
-            .map_err(|e| e.to_string())?;
-        let fl = gpu
-            .submit(
-                &Command::ResourceFlush {
-                    resource_id: 1,
-                    rect: full,
-                },
-                None,
-            )
-            .map_err(|e| e.to_string())?;
-        ok(
-            "TRANSFER_TO_HOST_2D",
-            &gpu.wait(tr).map_err(|e| e.to_string())?,
-        )?;
-        ok("RESOURCE_FLUSH", &gpu.wait(fl).map_err(|e| e.to_string())?)?;
+        vgpu_tests::bench::transfer_and_flush(gpu, full, 0)?;
         let ev = display
             .wait_update(SCANOUT, TIMEOUT)
             .map_err(|e| format!("frame {frame}: {e}"))?;
@@ -475,30 +452,7 @@ fn measure(
         }
         display.skip_to_end();
         let t = Instant::now();
-        let tr = gpu
-            .submit(
-                &Command::TransferToHost2d {
-                    resource_id: 1,
-                    rect,
-                    offset,
-                },
-                None,
-            )
-            .map_err(|e| e.to_string())?;
-        let fl = gpu
-            .submit(
-                &Command::ResourceFlush {
-                    resource_id: 1,
-                    rect,
-                },
-                None,
-            )
-            .map_err(|e| e.to_string())?;
-        ok(
-            "TRANSFER_TO_HOST_2D",
-            &gpu.wait(tr).map_err(|e| e.to_string())?,
-        )?;
-        ok("RESOURCE_FLUSH", &gpu.wait(fl).map_err(|e| e.to_string())?)?;
+        vgpu_tests::bench::transfer_and_flush(gpu, rect, offset)?;
         let ev = display
             .wait_update(SCANOUT, TIMEOUT)
             .map_err(|e| format!("damage {i}: {e}"))?;

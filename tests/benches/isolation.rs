@@ -493,7 +493,7 @@ fn draw(
         mem.write(backing.addr, pixels).map_err(|e| e.to_string())?;
         display.skip_to_end();
         let t = Instant::now();
-        update(gpu, full, 0)?;
+        vgpu_tests::bench::transfer_and_flush(gpu, full, 0)?;
         let ev = display
             .wait_update(SCANOUT, TIMEOUT)
             .map_err(|e| format!("frame {f}: {e}"))?;
@@ -537,7 +537,7 @@ fn draw(
         }
         display.skip_to_end();
         let t = Instant::now();
-        update(gpu, rect, offset)?;
+        vgpu_tests::bench::transfer_and_flush(gpu, rect, offset)?;
         let ev = display
             .wait_update(SCANOUT, TIMEOUT)
             .map_err(|e| format!("damage {i}: {e}"))?;
@@ -570,31 +570,6 @@ fn draw(
         }
     }
     Ok(())
-}
-
-/// TRANSFER_TO_HOST_2D + RESOURCE_FLUSH queued back to back, both answers awaited.
-fn update(gpu: &mut vgpu_tests::gpu::GpuDriver, rect: Rect, offset: u64) -> BenchResult<()> {
-    let tr = gpu
-        .submit(
-            &Command::TransferToHost2d {
-                resource_id: 1,
-                rect,
-                offset,
-            },
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-    let fl = gpu
-        .submit(
-            &Command::ResourceFlush {
-                resource_id: 1,
-                rect,
-            },
-            None,
-        )
-        .map_err(|e| e.to_string())?;
-    check("TRANSFER_TO_HOST_2D", gpu.wait(tr), resp::OK_NODATA)?;
-    check("RESOURCE_FLUSH", gpu.wait(fl), resp::OK_NODATA)
 }
 
 /// Small commands one at a time: RESOURCE_FLUSH of a resource on no scanout, without and

@@ -193,3 +193,40 @@ pub fn table_rule(widths: &[usize]) -> String {
     }
     s
 }
+
+/// The guest's update of resource 1: TRANSFER_TO_HOST_2D of `rect` from backing byte
+/// `offset`, then RESOURCE_FLUSH of it, queued back to back (as the Linux driver does),
+/// both answers awaited and required to be OK_NODATA.
+pub fn transfer_and_flush(
+    gpu: &mut crate::gpu::GpuDriver,
+    rect: crate::gpu::Rect,
+    offset: u64,
+) -> Result<(), String> {
+    use crate::gpu::{resp, Command};
+    let tr = gpu
+        .submit(
+            &Command::TransferToHost2d {
+                resource_id: 1,
+                rect,
+                offset,
+            },
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    let fl = gpu
+        .submit(
+            &Command::ResourceFlush {
+                resource_id: 1,
+                rect,
+            },
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    for (what, pending) in [("TRANSFER_TO_HOST_2D", tr), ("RESOURCE_FLUSH", fl)] {
+        let r = gpu.wait(pending).map_err(|e| format!("{what}: {e}"))?;
+        if r.kind != resp::OK_NODATA {
+            return Err(format!("{what}: expected OK_NODATA, got {}", r.kind_name()));
+        }
+    }
+    Ok(())
+}
