@@ -427,23 +427,10 @@ fn measure(
         .collect();
 
     // 2. Small-damage latency: a 64x64 rect at a new place each time.
-    let cols = (w / DAMAGE).max(1);
-    let rows = (h / DAMAGE).max(1);
     let mut lat = Vec::with_capacity(o.samples);
     let mut want_fb = last.clone();
     for i in 0..o.samples {
-        let cell = i as u32 % (cols * rows);
-        let rect = Rect::new(
-            (cell % cols) * DAMAGE,
-            (cell / cols) * DAMAGE,
-            DAMAGE,
-            DAMAGE,
-        );
-        let offset = u64::from(rect.y) * stride + u64::from(rect.x) * 4;
-        let shade = (i as u8).wrapping_mul(37);
-        let row: Vec<u8> = (0..DAMAGE)
-            .flat_map(|x| [shade, (x as u8).wrapping_add(shade), !shade, 0xff])
-            .collect();
+        let (rect, offset, row) = vgpu_tests::bench::damage_sample(i, (w, h), stride, DAMAGE);
         for r in 0..u64::from(DAMAGE) {
             mem.write(backing.addr + offset + r * stride, &row)
                 .map_err(|e| e.to_string())?;

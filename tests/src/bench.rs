@@ -230,3 +230,23 @@ pub fn transfer_and_flush(
     }
     Ok(())
 }
+
+/// Damage sample `i` of a `w` x `h` frame with `stride` bytes per row: a `side` x `side`
+/// rectangle at a new cell each time (row by row), the backing offset of its first pixel
+/// (its natural offset) and the row of pixels the guest draws into each of its lines.
+pub fn damage_sample(
+    i: usize,
+    (w, h): (u32, u32),
+    stride: u64,
+    side: u32,
+) -> (crate::gpu::Rect, u64, Vec<u8>) {
+    let (cols, rows) = ((w / side).max(1), (h / side).max(1));
+    let cell = i as u32 % (cols * rows);
+    let rect = crate::gpu::Rect::new((cell % cols) * side, (cell / cols) * side, side, side);
+    let offset = u64::from(rect.y) * stride + u64::from(rect.x) * 4;
+    let shade = (i as u8).wrapping_mul(37);
+    let row = (0..side)
+        .flat_map(|x| [shade, (x as u8).wrapping_add(shade), !shade, 0xff])
+        .collect();
+    (rect, offset, row)
+}
