@@ -87,34 +87,7 @@ fn connect(stack: Stack) -> Fx {
 
 /// Creates a mappable cross-domain (HOST3D) blob for a `w`x`h` XR24 image.
 fn host_blob(fx: &mut Fx, resource_id: u32, w: u32, h: u32) -> ImageRequirements {
-    let mem = fx.vmm.memory().clone();
-    let gpu = fx.vmm.gpu();
-    ok(
-        "SUBMIT_3D cross-domain GET_IMAGE_REQUIREMENTS",
-        gpu.submit_3d(
-            CTX,
-            &cross_domain::get_image_requirements(w, h, DRM_FORMAT_XRGB8888, 0),
-        ),
-    );
-    let answer = mem
-        .read_vec(fx.ring_addr, cross_domain::IMAGE_REQUIREMENTS_SIZE)
-        .expect("read the query ring");
-    let reqs = ImageRequirements::parse(&answer).expect("image requirements");
-    assert!(
-        reqs.size >= u64::from(w * h * 4),
-        "requirements for {w}x{h}: {reqs:?}"
-    );
-    let params = BlobParams {
-        blob_mem: blob::MEM_HOST3D,
-        blob_flags: blob::FLAG_MAPPABLE,
-        blob_id: u64::from(reqs.blob_id),
-        size: reqs.size,
-    };
-    ok(
-        &format!("RESOURCE_CREATE_BLOB {resource_id} (HOST3D, MAPPABLE)"),
-        gpu.resource_create_blob(CTX, resource_id, params, &[]),
-    );
-    reqs
+    common::mappable_host_blob(&mut fx.vmm, CTX, fx.ring_addr, resource_id, w, h)
 }
 
 /// The blob's window length: its size in whole pages.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::{assert_pixels, expect, image, ok, resource_with, start, still_works, WAIT};
 use vgpu_tests::backend_req::{BackendRequests, RequestKind};
-use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
+use vgpu_tests::cross_domain::{self, ImageRequirements};
 use vgpu_tests::gpu::{blob, capset, format, resp, BlobParams, Command, MemEntry, Rect};
 use vgpu_tests::hostmem::HostmemWindow;
 use vgpu_tests::{DisplayEvent, Stack, TestVmm, VmmOptions};
@@ -212,35 +212,6 @@ fn init_context(vmm: &mut TestVmm, ctx: u32, ring: u32) -> u64 {
     ring_addr
 }
 
-/// GET_IMAGE_REQUIREMENTS for a `w`x`h` XR24 image in context `ctx`, answered in its ring.
-fn image_requirements(
-    vmm: &mut TestVmm,
-    ctx: u32,
-    ring_addr: u64,
-    w: u32,
-    h: u32,
-) -> ImageRequirements {
-    let mem = vmm.memory().clone();
-    mem.write(ring_addr, &[0; cross_domain::IMAGE_REQUIREMENTS_SIZE])
-        .expect("clear the query ring");
-    ok(
-        &format!("SUBMIT_3D GET_IMAGE_REQUIREMENTS {w}x{h} to context {ctx}"),
-        vmm.gpu().submit_3d(
-            ctx,
-            &cross_domain::get_image_requirements(w, h, DRM_FORMAT_XRGB8888, 0),
-        ),
-    );
-    let answer = mem
-        .read_vec(ring_addr, cross_domain::IMAGE_REQUIREMENTS_SIZE)
-        .expect("read the query ring");
-    let reqs = ImageRequirements::parse(&answer).expect("image requirements");
-    assert!(
-        reqs.size >= u64::from(w * h * 4) && reqs.strides[0] >= w * 4,
-        "requirements for {w}x{h}: {reqs:?}"
-    );
-    reqs
-}
-
 /// RESOURCE_CREATE_BLOB of a mappable HOST3D blob for a `w`x`h` image; the response.
 fn create_host_blob(
     fx: &mut Fx,
@@ -248,7 +219,7 @@ fn create_host_blob(
     w: u32,
     h: u32,
 ) -> (ImageRequirements, vgpu_tests::Response) {
-    let reqs = image_requirements(&mut fx.vmm, CTX, fx.ring_addr, w, h);
+    let reqs = common::image_requirements(&mut fx.vmm, CTX, fx.ring_addr, w, h);
     let params = BlobParams::host3d(u64::from(reqs.blob_id), reqs.size, blob::FLAG_MAPPABLE);
     let r = fx
         .vmm
@@ -420,7 +391,7 @@ fn contexts_beyond_the_limit_are_out_of_memory() {
     ok("CTX_DESTROY 2", gpu.ctx_destroy(2));
     // Room again: context 3 is created and serves a real query.
     let ring3 = init_context(&mut fx.vmm, 3, 300);
-    let reqs = image_requirements(&mut fx.vmm, 3, ring3, 32, 16);
+    let reqs = common::image_requirements(&mut fx.vmm, 3, ring3, 32, 16);
     assert!(reqs.size >= 32 * 16 * 4, "{reqs:?}");
     expect(
         "CTX_CREATE 4 (full again)",
@@ -428,7 +399,7 @@ fn contexts_beyond_the_limit_are_out_of_memory() {
         resp::ERR_OUT_OF_MEMORY,
     );
     // The first context was never disturbed.
-    image_requirements(&mut fx.vmm, CTX, fx.ring_addr, 16, 16);
+    common::image_requirements(&mut fx.vmm, CTX, fx.ring_addr, 16, 16);
     no_violations(&fx);
     still_works(&mut fx.vmm, "the context limit");
 }
@@ -470,7 +441,7 @@ fn submits_beyond_the_size_limit_are_out_of_memory() {
     );
     // The context still answers correctly.
     let ring = fx.ring_addr;
-    image_requirements(&mut fx.vmm, CTX, ring, 64, 48);
+    common::image_requirements(&mut fx.vmm, CTX, ring, 64, 48);
     no_violations(&fx);
     still_works(&mut fx.vmm, "the submit size limit");
 }

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use common::{expect, image, ok, resource_with, still_works};
 use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::BackendRequests;
-use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
-use vgpu_tests::gpu::{blob, format, resp, BlobParams, Command as Gpu};
+use vgpu_tests::gpu::{format, resp, Command as Gpu};
 use vgpu_tests::stack::{default_binary, Role};
 use vgpu_tests::{Stack, TestVmm};
 
@@ -454,29 +453,7 @@ const BLOB: u32 = 7;
 /// A cross-domain context with its query ring, then a mappable HOST3D blob `BLOB`.
 fn context_and_blob(vmm: &mut TestVmm) {
     let ring_addr = common::cross_domain_context(vmm, CTX, RING);
-    let mem = vmm.memory().clone();
-    let gpu = vmm.gpu();
-    ok(
-        "SUBMIT_3D GET_IMAGE_REQUIREMENTS",
-        gpu.submit_3d(
-            CTX,
-            &cross_domain::get_image_requirements(64, 64, DRM_FORMAT_XRGB8888, 0),
-        ),
-    );
-    let answer = mem
-        .read_vec(ring_addr, cross_domain::IMAGE_REQUIREMENTS_SIZE)
-        .expect("read the query ring");
-    let reqs = ImageRequirements::parse(&answer).expect("image requirements");
-    let params = BlobParams {
-        blob_mem: blob::MEM_HOST3D,
-        blob_flags: blob::FLAG_MAPPABLE,
-        blob_id: u64::from(reqs.blob_id),
-        size: reqs.size,
-    };
-    ok(
-        "RESOURCE_CREATE_BLOB (HOST3D, MAPPABLE)",
-        gpu.resource_create_blob(CTX, BLOB, params, &[]),
-    );
+    common::mappable_host_blob(vmm, CTX, ring_addr, BLOB, 64, 64);
 }
 
 #[test]

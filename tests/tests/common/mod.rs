@@ -229,3 +229,56 @@ pub fn flush_shows(vmm: &mut TestVmm, id: u32, rect: Rect, want: &[u8], width: u
     let (_, _, fb) = vmm.display().framebuffer(0).expect("scanout 0 framebuffer");
     assert_pixels(&fb, want, width, what);
 }
+
+/// GET_IMAGE_REQUIREMENTS for a `w`x`h` XR24 image in context `ctx`, answered in its ring.
+pub fn image_requirements(
+    vmm: &mut TestVmm,
+    ctx: u32,
+    ring_addr: u64,
+    w: u32,
+    h: u32,
+) -> cross_domain::ImageRequirements {
+    let mem = vmm.memory().clone();
+    mem.write(ring_addr, &[0; cross_domain::IMAGE_REQUIREMENTS_SIZE])
+        .expect("clear the query ring");
+    ok(
+        &format!("SUBMIT_3D GET_IMAGE_REQUIREMENTS {w}x{h} to context {ctx}"),
+        vmm.gpu().submit_3d(
+            ctx,
+            &cross_domain::get_image_requirements(w, h, cross_domain::DRM_FORMAT_XRGB8888, 0),
+        ),
+    );
+    let answer = mem
+        .read_vec(ring_addr, cross_domain::IMAGE_REQUIREMENTS_SIZE)
+        .expect("read the query ring");
+    let reqs = cross_domain::ImageRequirements::parse(&answer).expect("image requirements");
+    assert!(
+        reqs.size >= u64::from(w * h * 4) && reqs.strides[0] >= w * 4,
+        "requirements for {w}x{h}: {reqs:?}"
+    );
+    reqs
+}
+
+/// A mappable cross-domain (HOST3D) blob `resource_id` for a `w`x`h` XR24 image, made in
+/// context `ctx` with its query ring at `ring_addr`; its image requirements.
+pub fn mappable_host_blob(
+    vmm: &mut TestVmm,
+    ctx: u32,
+    ring_addr: u64,
+    resource_id: u32,
+    w: u32,
+    h: u32,
+) -> cross_domain::ImageRequirements {
+    let reqs = image_requirements(vmm, ctx, ring_addr, w, h);
+    let params = BlobParams::host3d(
+        u64::from(reqs.blob_id),
+        reqs.size,
+        vgpu_tests::gpu::blob::FLAG_MAPPABLE,
+    );
+    ok(
+        &format!("RESOURCE_CREATE_BLOB {resource_id} (HOST3D, MAPPABLE)"),
+        vmm.gpu()
+            .resource_create_blob(ctx, resource_id, params, &[]),
+    );
+    reqs
+}
