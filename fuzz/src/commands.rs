@@ -389,6 +389,18 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// `c` on its queue, unfenced, outside any context, whole and kicked at once.
+    pub fn unfenced(c: Cmd) -> Step {
+        let hdr = Header {
+            fence: None,
+            ctx: 0,
+            ring: None,
+        };
+        Step::Cmd(c, hdr, Shape::default())
+    }
+}
+
 impl<'a> Arbitrary<'a> for Step {
     fn arbitrary(u: &mut Unstructured<'a>) -> ArbResult<Self> {
         let tag: u8 = u.arbitrary()?;

@@ -7,8 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use vgpu_sandbox_fuzz::commands::{
-    Cmd, Dim, EntrySpec, Harness, Header, Id, OffsetSpec, RectSpec, Scanout, Setup, Shape, Step,
-    VmmAcks,
+    Cmd, Dim, EntrySpec, Harness, Id, OffsetSpec, RectSpec, Scanout, Setup, Step, VmmAcks,
 };
 
 struct Counting;
@@ -70,15 +69,6 @@ fn counted(h: &mut Harness, steps: &[Step]) -> u64 {
     COUNT.with(|c| c.get())
 }
 
-fn cmd(c: Cmd) -> Step {
-    let hdr = Header {
-        fence: None,
-        ctx: 0,
-        ring: None,
-    };
-    Step::Cmd(c, hdr, Shape::default())
-}
-
 fn harness() -> Harness {
     let setup = Setup {
         display: true,
@@ -98,14 +88,14 @@ fn a_command_the_frontend_answers_itself_allocates_nothing() {
     let mut h = harness();
     let r = Id(1);
     for step in [
-        cmd(Cmd::Create2d(r, 1, Dim(16), Dim(8))),
-        cmd(Cmd::Attach(r, vec![EntrySpec::Covering(0)])),
+        Step::unfenced(Cmd::Create2d(r, 1, Dim(16), Dim(8))),
+        Step::unfenced(Cmd::Attach(r, vec![EntrySpec::Covering(0)])),
     ] {
         h.step(&step);
     }
     // A flush of a resource on no scanout: decoded, checked, answered OK_NODATA.
     let flushes: Vec<Step> = (0..200)
-        .map(|_| cmd(Cmd::Flush(r, RectSpec::Full)))
+        .map(|_| Step::unfenced(Cmd::Flush(r, RectSpec::Full)))
         .collect();
     // The first ones grow the actor's reusable buffers and queues.
     counted(&mut h, &flushes[..20]);
@@ -126,12 +116,12 @@ fn a_damage_update_allocates_a_bounded_few_times() {
     let mut h = harness();
     let r = Id(1);
     for step in [
-        cmd(Cmd::Create2d(r, 1, Dim(64), Dim(64))),
-        cmd(Cmd::Attach(r, vec![EntrySpec::Covering(0)])),
+        Step::unfenced(Cmd::Create2d(r, 1, Dim(64), Dim(64))),
+        Step::unfenced(Cmd::Attach(r, vec![EntrySpec::Covering(0)])),
         Step::GuestWrite(0, (0..=255u8).cycle().take(64 * 64 * 4).collect()),
-        cmd(Cmd::Transfer(r, RectSpec::Full, OffsetSpec::Zero)),
-        cmd(Cmd::SetScanout(Scanout(0), r, RectSpec::Full)),
-        cmd(Cmd::Flush(r, RectSpec::Full)),
+        Step::unfenced(Cmd::Transfer(r, RectSpec::Full, OffsetSpec::Zero)),
+        Step::unfenced(Cmd::SetScanout(Scanout(0), r, RectSpec::Full)),
+        Step::unfenced(Cmd::Flush(r, RectSpec::Full)),
     ] {
         h.step(&step);
     }
@@ -141,8 +131,8 @@ fn a_damage_update_allocates_a_bounded_few_times() {
     let updates: Vec<Step> = (0..100)
         .flat_map(|_| {
             [
-                cmd(Cmd::Transfer(r, damage, OffsetSpec::Zero)),
-                cmd(Cmd::Flush(r, damage)),
+                Step::unfenced(Cmd::Transfer(r, damage, OffsetSpec::Zero)),
+                Step::unfenced(Cmd::Flush(r, damage)),
             ]
         })
         .collect();

@@ -253,11 +253,14 @@ fn quiet_renderer_requests_stay_bounded() {
     };
     let mut h = Harness::new(&setup);
     let r = Id(1);
-    h.step(&quiet_cmd(Cmd::Create2d(r, 1, Dim(16), Dim(8))));
-    h.step(&quiet_cmd(Cmd::Attach(r, vec![EntrySpec::Covering(0)])));
+    h.step(&Step::unfenced(Cmd::Create2d(r, 1, Dim(16), Dim(8))));
+    h.step(&Step::unfenced(Cmd::Attach(
+        r,
+        vec![EntrySpec::Covering(0)],
+    )));
     let mut most = 0;
     for i in 0..1000 {
-        h.step(&quiet_cmd(Cmd::Transfer(
+        h.step(&Step::unfenced(Cmd::Transfer(
             r,
             RectSpec::Full,
             OffsetSpec::Zero,
@@ -271,13 +274,4 @@ fn quiet_renderer_requests_stay_bounded() {
     );
     let answers = h.finish();
     assert!(answers.iter().all(|(_, t)| *t == 0x1100), "{answers:?}");
-}
-
-fn quiet_cmd(c: Cmd) -> Step {
-    let hdr = Header {
-        fence: None,
-        ctx: 0,
-        ring: None,
-    };
-    Step::Cmd(c, hdr, Shape::default())
 }
