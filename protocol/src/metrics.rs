@@ -103,14 +103,7 @@ pub fn command_name(index: usize) -> &'static str {
 }
 
 /// Every error answer, in the order of [`MetricsSnapshot::errors`].
-pub const ERROR_CODES: [ErrorCode; 6] = [
-    ErrorCode::Unspec,
-    ErrorCode::OutOfMemory,
-    ErrorCode::InvalidScanoutId,
-    ErrorCode::InvalidResourceId,
-    ErrorCode::InvalidContextId,
-    ErrorCode::InvalidParameter,
-];
+pub const ERROR_CODES: [ErrorCode; 6] = ErrorCode::ALL;
 
 /// Number of error counters.
 pub const ERROR_KINDS: usize = ERROR_CODES.len();

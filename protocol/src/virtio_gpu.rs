@@ -1201,6 +1201,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code, in the order of their response types.
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::Unspec,
+        ErrorCode::OutOfMemory,
+        ErrorCode::InvalidScanoutId,
+        ErrorCode::InvalidResourceId,
+        ErrorCode::InvalidContextId,
+        ErrorCode::InvalidParameter,
+    ];
+
     /// The response type on the wire.
     pub fn resp_type(self) -> u32 {
         match self {
@@ -1998,14 +2008,7 @@ mod tests {
 
     #[test]
     fn error_codes_roundtrip() {
-        for e in [
-            ErrorCode::Unspec,
-            ErrorCode::OutOfMemory,
-            ErrorCode::InvalidScanoutId,
-            ErrorCode::InvalidResourceId,
-            ErrorCode::InvalidContextId,
-            ErrorCode::InvalidParameter,
-        ] {
+        for e in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_resp_type(e.resp_type()), Some(e));
         }
         assert_eq!(ErrorCode::Unspec.resp_type(), 0x1200);
