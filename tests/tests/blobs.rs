@@ -14,12 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{expect, ok, still_works};
-use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::{AckAction, AckGate, BackendEvent, BackendRequests, RequestKind};
 use vgpu_tests::cross_domain::{self, ImageRequirements, DRM_FORMAT_XRGB8888};
 use vgpu_tests::gpu::{blob, resp, BlobParams, Command, GpuError};
 use vgpu_tests::hostmem::HostmemWindow;
-use vgpu_tests::stack::Role;
 use vgpu_tests::vmm::HOSTMEM_SHMID;
 use vgpu_tests::{Stack, TestVmm, VmmOptions};
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
@@ -629,13 +627,7 @@ fn a_vmm_gone_with_a_blob_mapped_leaves_a_fresh_device_for_the_next() {
 /// SIGKILLs the renderer-worker and waits (bounded) until the frontend has linked the
 /// replacement the broker started.
 fn kill_renderer(fx: &mut Fx) {
-    let old = fx.stack.expect_child(&Role::RendererWorker);
-    fx.stack
-        .signal_process(&old, Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("{e}"));
-    fx.stack
-        .wait_for_log("new renderer-worker linked", WAIT)
-        .unwrap_or_else(|e| panic!("no new renderer linked: {e}"));
+    common::kill_renderer_until_linked(&mut fx.stack, 1, WAIT);
 }
 
 /// After a restart: the device serves, the dead renderer's context is gone (its next use
@@ -849,13 +841,7 @@ fn renderer_killed_at_random_points_of_map_unmap_cycles_leaks_nothing() {
                 );
                 std::thread::yield_now();
             }
-            let old = stack.expect_child(&Role::RendererWorker);
-            stack
-                .signal_process(&old, Signal::SIGKILL)
-                .unwrap_or_else(|e| panic!("{e}"));
-            stack
-                .wait_for_log_count("new renderer-worker linked", round as usize + 1, WAIT)
-                .unwrap_or_else(|e| panic!("round {round}: no new renderer linked: {e}"));
+            common::kill_renderer_until_linked(stack, round as usize + 1, WAIT);
             stop.store(true, Ordering::Relaxed);
             worker.join().expect("the guest's cycles panicked")
         });

@@ -10,9 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{image, resource_with, WAIT};
-use nix::sys::signal::Signal;
 use vgpu_tests::gpu::{encode_hdr, format, resp, Queue};
-use vgpu_tests::stack::{default_binary, Role};
+use vgpu_tests::stack::default_binary;
 use vgpu_tests::Stack;
 
 const ROLES: [&str; 4] = ["broker", "spawner", "device-frontend", "renderer-worker"];
@@ -81,13 +80,7 @@ fn run_until_disconnect(mut stack: Stack, restart: bool) -> Vec<String> {
         &image(32, 32, 5),
     );
     if restart {
-        let renderer = stack.expect_child(&Role::RendererWorker);
-        stack
-            .signal_process(&renderer, Signal::SIGKILL)
-            .unwrap_or_else(|e| panic!("{e}"));
-        stack
-            .wait_for_log("new renderer-worker linked", WAIT)
-            .unwrap_or_else(|e| panic!("no renderer restart: {e}"));
+        common::kill_renderer_until_linked(&mut stack, 1, WAIT);
         resource_with(
             &mut vmm,
             2,

@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{expect, image, ok, resource_with, still_works};
-use nix::sys::signal::Signal;
 use vgpu_tests::backend_req::BackendRequests;
 use vgpu_tests::gpu::{format, resp, Command as Gpu};
-use vgpu_tests::stack::{default_binary, Role};
+use vgpu_tests::stack::default_binary;
 use vgpu_tests::{Stack, TestVmm};
 
 /// Bound on waiting for the file to show something: a few of the broker's 2 s periods.
@@ -374,13 +373,7 @@ fn renderer_restarts_are_counted() {
         vmm.gpu()
             .resource_create_2d(1, format::B8G8R8X8_UNORM, 16, 16),
     );
-    let old = stack.expect_child(&Role::RendererWorker);
-    stack
-        .signal_process(&old, Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("{e}"));
-    stack
-        .wait_for_log("new renderer-worker linked", WAIT)
-        .unwrap_or_else(|e| panic!("the renderer was not replaced: {e}"));
+    common::kill_renderer_until_linked(&mut stack, 1, WAIT);
     let m = wait_for(&path, "one renderer restart", |m| {
         m.get("vgpu_renderer_restarts_total") == 1.0
     });

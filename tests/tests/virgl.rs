@@ -996,9 +996,6 @@ fn two_d_commands_still_work_in_virgl_mode() {
 /// lost 3D resource ERR_INVALID_RESOURCE_ID, and a new context works.
 #[test]
 fn a_virgl_renderer_that_dies_is_replaced_and_2d_comes_back() {
-    use nix::sys::signal::Signal;
-    use vgpu_tests::stack::Role;
-
     let (mut stack, mut vmm) = start_with_context(&[]);
     let (w, h) = (96, 64);
     let pixels = image(w, h, 9);
@@ -1007,13 +1004,7 @@ fn a_virgl_renderer_that_dies_is_replaced_and_2d_comes_back() {
     ok("SET_SCANOUT", vmm.gpu().set_scanout(0, 1, full));
     let _ = texture(&mut vmm, 2, format::B8G8R8X8_UNORM, 32, 32);
 
-    let old = stack.expect_child(&Role::RendererWorker);
-    stack
-        .signal_process(&old, Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let linked = stack
-        .wait_for_log("new renderer-worker linked", COMMAND_TIMEOUT)
-        .unwrap_or_else(|e| panic!("no new virgl renderer linked: {e}"));
+    let linked = common::kill_renderer_until_linked(&mut stack, 1, COMMAND_TIMEOUT);
     assert!(
         linked.contains("1 resource(s) rebuilt") && linked.contains("1 lost"),
         "{linked}"

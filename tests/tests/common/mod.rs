@@ -282,3 +282,16 @@ pub fn mappable_host_blob(
     );
     reqs
 }
+
+/// SIGKILLs the renderer-worker and waits (bounded by `timeout`) until the frontend has
+/// linked its replacement, the `restarts`th since the device started; returns that log
+/// line.
+pub fn kill_renderer_until_linked(stack: &mut Stack, restarts: usize, timeout: Duration) -> String {
+    let old = stack.expect_child(&vgpu_tests::stack::Role::RendererWorker);
+    stack
+        .signal_process(&old, nix::sys::signal::Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    stack
+        .wait_for_log_count("new renderer-worker linked", restarts, timeout)
+        .unwrap_or_else(|e| panic!("no new renderer-worker linked (restart {restarts}): {e}"))
+}
