@@ -538,26 +538,7 @@ impl Control {
         fence: Option<FenceInfo>,
         after: After,
     ) -> Result<(), FrontendError> {
-        self.request_with(op, fence, after, false)
-    }
-
-    fn request_with(
-        &mut self,
-        op: RendererOp,
-        fence: Option<FenceInfo>,
-        after: After,
-        quiet: bool,
-    ) -> Result<(), FrontendError> {
-        let seq = match self.link.send(op, fence, quiet) {
-            Ok(seq) => seq,
-            Err(e) => {
-                // Recorded as sent all the same: `settle_renderer_loss` answers it with
-                // everything else the renderer owed, at a point where no state machine
-                // is half-way through a step.
-                self.renderer_gone(&e.to_string());
-                self.link.burn_seq()
-            }
-        };
+        let seq = self.send_or_burn(op, fence, false);
         let entry = self.current;
         if let Some((q, id)) = entry {
             if let Some(e) = self.fifos[q].iter_mut().rev().find(|e| e.id == id) {
@@ -567,12 +548,22 @@ impl Control {
                 }
             }
         }
-        if quiet && fence.is_none() && entry.is_none() {
-            self.quiet.push_back((seq, after));
-        } else {
-            self.pending.insert(seq, PendingReply { entry, after });
-        }
+        self.pending.insert(seq, PendingReply { entry, after });
         Ok(())
+    }
+
+    /// Queues `op` for the renderer; its sequence number. A request that cannot be sent
+    /// is recorded as sent all the same: `settle_renderer_loss` answers it with everything
+    /// else the renderer owed, at a point where no state machine is half-way through a
+    /// step.
+    fn send_or_burn(&mut self, op: RendererOp, fence: Option<FenceInfo>, quiet: bool) -> u64 {
+        match self.link.send(op, fence, quiet) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.renderer_gone(&e.to_string());
+                self.link.burn_seq()
+            }
+        }
     }
 
     /// Sends a request whose outcome the frontend's own checks have decided already (an
@@ -584,11 +575,16 @@ impl Control {
         op: RendererOp,
         after: After,
     ) -> Result<(), FrontendError> {
-        let current = self.current.take();
         // Quiet: no reply unless refused. A bounded number at a time, so that a guest that
         // sends nothing else still gets a reply now and then, which settles the rest.
-        let quiet = self.quiet.len() < MAX_QUIET;
-        let sent = self.request_with(op, None, after, quiet);
+        if self.quiet.len() < MAX_QUIET {
+            let seq = self.send_or_burn(op, None, true);
+            self.quiet.push_back((seq, after));
+            return Ok(());
+        }
+        // Charged to no guest command: it has been answered.
+        let current = self.current.take();
+        let sent = self.request(op, None, after);
         self.current = current;
         sent
     }
