@@ -507,9 +507,7 @@ impl Control {
                     d.scanout(id as u32, 0, 0);
                 }
             }
-            let sync = s.sync.rebound();
-            *s = Scanout::default();
-            s.sync = sync;
+            s.clear();
         }
         self.request(RendererOp::Reset, None, After::Nothing)?;
         // A virtio reset does not change the vhost-user memory table, but the renderer's

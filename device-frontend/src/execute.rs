@@ -264,9 +264,7 @@ impl Control {
             return Ok(());
         };
         let was_enabled = s.is_enabled();
-        let sync = s.sync.rebound();
-        *s = Default::default();
-        s.sync = sync;
+        s.clear();
         // Its buffer is gone: give its bytes back to the budget.
         let total = self.scanout_bytes_except(None);
         self.resources.set_scanout_bytes(total);

@@ -293,6 +293,15 @@ impl Scanout {
     pub fn is_enabled(&self) -> bool {
         self.resource_id != 0
     }
+
+    /// Disables the scanout and drops its buffer; only the count of renderer writes still
+    /// on their way is kept (their answers will come).
+    pub fn clear(&mut self) {
+        *self = Scanout {
+            sync: self.sync.rebound(),
+            ..Scanout::default()
+        };
+    }
 }
 
 #[cfg(test)]
