@@ -725,7 +725,8 @@ impl Harness {
     /// Hands one mailbox input to the actor and lets everything settle, VMM acks that
     /// are already back included.
     fn input(&mut self, input: Input) {
-        self.actor(|c| c.handle(input)).expect("control actor input");
+        self.actor(|c| c.handle(input))
+            .expect("control actor input");
         self.pump();
         self.take_vmm_acks(None);
     }
@@ -1371,8 +1372,7 @@ impl Harness {
         // A scanout buffer the frontend holds in step (and sends flushes from without the
         // renderer) must hold exactly what the renderer's resource holds.
         for id in 0..16 {
-            let Some((resource_id, rect, stride, shown)) = self.control.scanout_in_step(id)
-            else {
+            let Some((resource_id, rect, stride, shown)) = self.control.scanout_in_step(id) else {
                 continue;
             };
             // The renderer places the rectangle at resource coordinates.
